@@ -1,0 +1,71 @@
+"""Incremental detokenization and stop strings.
+
+Byte-level BPE splits one UTF-8 character over several tokens; decoding a lone piece yields U+FFFD.
+So text is only released once the window decodes cleanly, and, when stop strings are set,
+the last `max(len(stop)) - 1` characters are held back until they cannot begin a stop string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+_CONTEXT_TOKENS = 5  # prompt tokens decoded alongside, so a first token's leading space survives
+
+
+@dataclass
+class DetokenizerUpdate:
+    delta_text: str
+    stop_string: str | None  # set when a stop string ended the request this update
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # decoded output text (cut at a stop string once one is found)
+        self.emitted = 0  # characters of `text` already handed out
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def update(self, new_token_ids: list[int], finished: bool) -> DetokenizerUpdate:
+        stop = None
+        for token in new_token_ids:
+            self.ids.append(token)
+            before = len(self.text)
+            self.text += self._decode_step(flush=False)
+            stop = self._find_stop(before)
+            if stop is not None:
+                break
+        if finished or stop is not None:
+            if stop is None:
+                self.text += self._decode_step(flush=True)
+            end = len(self.text)
+        else:
+            end = max(self.emitted, len(self.text) - self.hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return DetokenizerUpdate(delta, stop)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def _decode_step(self, flush: bool) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not flush):
+            return ""  # an incomplete character: wait for the next token
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def _find_stop(self, before: int) -> str | None:
+        if not self.params.stop:
+            return None
+        window_start = max(0, before - self.hold)
+        hits = [(idx, stop) for stop in self.params.stop if (idx := self.text.find(stop, window_start)) != -1]
+        if not hits:
+            return None
+        idx, stop = min(hits)  # the earliest stop string wins
+        self.text = self.text[:idx + len(stop) if self.params.include_stop_str_in_output else idx]
+        return stop

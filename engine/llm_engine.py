@@ -1,0 +1,129 @@
+"""The synchronous engine: add requests, then `step()`: schedule -> execute -> update -> outputs."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerStats
+from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+
+log = logging.getLogger("sluice.engine")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype)
+        self.model_config = self.loaded.config
+        self.tokenizer = load_tokenizer(self.loaded.source)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.loaded.source, self.loaded.hf_config)
+        num_blocks = self._num_blocks()
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
+                 config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   max(config.max_num_batched_tokens, 1), self.eos_token_ids)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        dtype = next(self.loaded.model.parameters()).dtype
+        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, dtype)
+        budget = cfg.kv_cache_memory or int(_available_memory(cfg.device) * cfg.kv_cache_memory_fraction)
+        # no point in more than every sequence at full length
+        ceiling = cfg.max_num_seqs * -(-(cfg.max_model_len or self.model_config.max_position_embeddings) // cfg.block_size)
+        return max(2, min(budget // per_block, ceiling))
+
+    # ---- requests in ----
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(token_ids, params)
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        self.outputs.add(request_id, text, token_ids, params, child_ids)
+        for i, child_id in enumerate(child_ids):
+            child_params = params if params.n == 1 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            self.scheduler.add_request(Request(child_id, token_ids, child_params, self.max_model_len, priority))
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        n_prompt, limit = len(token_ids), self.max_model_len
+        if n_prompt >= limit:
+            raise ValueError(f"the prompt has {n_prompt} tokens; this model's context is {limit} tokens")
+        if params.max_tokens is not None and n_prompt + params.max_tokens > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, but {n_prompt} prompt tokens "
+                             f"+ max_tokens {params.max_tokens} = {n_prompt + params.max_tokens}")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        for child_id in self.outputs.child_ids(request_id):
+            self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
+        return self.outputs.finish(request_id, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            log.exception("step failed")
+            return self._fail([s.request_id for s in sched.scheduled], f"{type(exc).__name__}: {exc}")
+        updates = self.scheduler.update(sched, result.sampled, result.logprobs)
+        processed = self.outputs.process(updates)
+        for child_id, stop in processed.stopped.items():
+            self.scheduler.finish(child_id, RequestStatus.FINISHED_STOPPED, stop)
+        return processed.outputs
+
+    def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:
+        parents = {self.outputs.parent_of[c] for c in child_ids if c in self.outputs.parent_of}
+        outs = []
+        for parent_id in parents:
+            for child_id in self.outputs.child_ids(parent_id):
+                self.scheduler.finish(child_id, RequestStatus.FINISHED_ERROR)
+            out = self.outputs.finish(parent_id, "error", message)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+
+def _available_memory(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

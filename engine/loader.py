@@ -1,0 +1,142 @@
+"""Load a model: Hugging Face folder, GGUF file, or the default alias, into Sluice's fused layout."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.default_model import ModelSource, resolve_model
+from engine.model import LlamaForCausalLM
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+_GATE_UP = {"gate_proj": 0, "up_proj": 1}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    hf_config: dict
+    source: ModelSource
+    load_seconds: float
+
+
+def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype))
+    if torch.device(device).type == "cpu":
+        return torch.float32  # bf16 matmuls are hundreds of times slower than fp32 on CPUs without AMX
+    declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    return getattr(torch, declared)
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    start = time.perf_counter()
+    source = resolve_model(name_or_path)
+    hf_config, tensors = _read_source(source)
+    cfg = ModelConfig.from_hf(hf_config)
+    torch_dtype = resolve_dtype(dtype, device, hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    load_weights(model, tensors)
+    model = model.to(torch_dtype)
+    model.rope.build(device)  # fp32 tables, cast per use
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, cfg, hf_config, source, time.perf_counter() - start)
+
+
+def _read_source(source: ModelSource) -> tuple[dict, Iterable[tuple[str, torch.Tensor]]]:
+    if source.kind == "gguf":
+        from engine.gguf_loader import read_gguf
+
+        hf_config, state_dict = read_gguf(source.path)
+        return hf_config, state_dict.items()
+    hf_config = json.loads((source.path / "config.json").read_text())
+    return hf_config, _iter_safetensors(source.path)
+
+
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into the fused parameters; every parameter must be filled exactly once."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    for hf_name, tensor in tensors:
+        target = _map_name(hf_name)
+        if target is None:
+            continue
+        name, shard = target
+        param = params[name]
+        with torch.no_grad():
+            _param_slice(model, name, param, shard).copy_(tensor.to(param.dtype))
+        filled.add(name if shard is None else f"{name}#{shard}")
+    if model.config.tie_word_embeddings:
+        filled.add("lm_head.weight")
+    missing = [n for n in _expected(model, params) if n not in filled]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _map_name(hf_name: str) -> tuple[str, int | None] | None:
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    if hf_name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if hf_name == "model.norm.weight":
+        return "norm.weight", None
+    if hf_name == "lm_head.weight":
+        return "lm_head.weight", None
+    m = _LAYER.match(hf_name)
+    if not m:
+        raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint")
+    layer, rest = m.group(1), m.group(2)
+    module, _, leaf = rest.rpartition(".")  # e.g. self_attn.q_proj, weight
+    parent, _, proj = module.rpartition(".")
+    if proj in _QKV:
+        return f"layers.{layer}.self_attn.qkv_proj.{leaf}", _QKV[proj]
+    if proj in _GATE_UP:
+        return f"layers.{layer}.mlp.gate_up_proj.{leaf}", _GATE_UP[proj]
+    return f"layers.{layer}.{rest}", None
+
+
+def _param_slice(model: LlamaForCausalLM, name: str, param: torch.Tensor, shard: int | None) -> torch.Tensor:
+    if shard is None:
+        return param
+    cfg = model.config
+    if ".qkv_proj." in name:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        bounds = [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
+    else:
+        n = cfg.intermediate_size
+        bounds = (shard * n, (shard + 1) * n)
+    return param[bounds[0]:bounds[1]]
+
+
+def _expected(model: LlamaForCausalLM, params: dict[str, torch.Tensor]) -> list[str]:
+    names = []
+    for name in params:
+        if ".qkv_proj." in name:
+            names += [f"{name}#{i}" for i in range(3)]
+        elif ".gate_up_proj." in name:
+            names += [f"{name}#{i}" for i in range(2)]
+        else:
+            names.append(name)
+    return names

@@ -1,0 +1,226 @@
+"""vLLM-v1-style scheduler: each step spends a token budget on running requests, then on waiting ones.
+
+There is no prefill/decode split: a request has `num_tokens` and `num_computed_tokens`, and a step
+computes some of the difference (a prompt chunk, one decode token, or a token plus speculative ones).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """What the model runner needs of one request for one step (never the Request itself)."""
+
+    request_id: str
+    token_ids: list[int]  # tokens whose KV this step computes
+    start_pos: int  # position of token_ids[0] = tokens already in the cache
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]  # read-only views, for penalties
+    output_token_ids: list[int]
+    banned_token_ids: list[int] = field(default_factory=list)  # stop ids while under min_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    finished_request_ids: set[str]  # the runner drops per-request state (e.g. seeded generators)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request, for the output side (detokenizer, streams)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    new_logprobs: list | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preempted_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    tokens_last_step: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 stop_token_ids: set[int]):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.stop_token_ids = stop_token_ids  # the model's EOS ids
+        self.waiting: list[Request] = []  # sorted by (priority, arrival)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.tokens_last_step = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted = False
+        # Highest priority first, so a victim (the lowest) is never one already scheduled this step.
+        for req in sorted(self.running, key=Request.sort_key):
+            if budget <= 0:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.status is not RequestStatus.RUNNING or n <= 0:  # preempted earlier in this loop
+                continue
+            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = max(self.running, key=Request.sort_key)
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                scheduled.append(self._scheduled(req, n))
+                budget -= n
+        # New work only when nothing was preempted, so a request is never re-admitted in the step that evicted it.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n_computed, cached = self._prefix_hit(req)
+            n = min(req.num_tokens - n_computed, budget)
+            if not self.blocks.allocate(req.request_id, n_computed + n, cached):
+                break
+            self.waiting.pop(0)
+            self._count_prefix(req, n_computed)
+            req.num_computed_tokens = n_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, n))
+            budget -= n
+        finished, self._finished_ids = self._finished_ids, set()
+        self.tokens_last_step = self.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, finished)
+
+    def _prefix_hit(self, req: Request) -> tuple[int, list[int]]:
+        all_ids = req.token_slice(0, req.num_tokens)
+        cached = self.blocks.find_cached_prefix(all_ids)
+        return len(cached) * self.blocks.block_size, cached
+
+    def _count_prefix(self, req: Request, n_hit: int) -> None:
+        if req.num_preemptions == 0:  # a resumed request's own blocks are not a cache hit
+            self.prefix_queries += req.num_prompt_tokens
+            self.prefix_hits += n_hit
+            req.num_cached_tokens = n_hit
+
+    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        params = req.sampling_params
+        under_min = len(req.output_token_ids) < params.min_tokens
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=req.token_slice(start, start + n),
+            start_pos=start,
+            block_ids=self.blocks.tables[req.request_id],
+            sample=start + n == req.num_tokens,
+            sampling_params=params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            banned_token_ids=sorted(self._stop_ids(params)) if under_min else [],
+        )
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.stop_token_ids
+
+    def _preempt(self, req: Request) -> None:
+        # Recompute later: drop the KV, keep every token, go back to the front of the queue.
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=Request.sort_key)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]],
+               logprobs: dict[str, list] | None = None) -> list[RequestUpdate]:
+        """Advance computed counts, append sampled tokens, check stops, free finished requests."""
+        updates = []
+        for s in out.scheduled:
+            req = self.requests.get(s.request_id)
+            if req is None or req.status.finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += len(s.token_ids)
+            new_ids = self._append(req, sampled.get(s.request_id, []))
+            if self.blocks.enable_prefix_caching:
+                self.blocks.cache_blocks(req.request_id, req.num_computed_tokens, req.token_slice)
+            if new_ids or req.status.finished:
+                lp = (logprobs or {}).get(s.request_id)
+                updates.append(RequestUpdate(req.request_id, new_ids, req.finish_reason,
+                                             lp[:len(new_ids)] if lp else None, req.num_cached_tokens))
+                if req.status.finished:
+                    self._release(req)
+        return updates
+
+    def _append(self, req: Request, token_ids: list[int]) -> list[int]:
+        params = req.sampling_params
+        stop_ids = self._stop_ids(params)
+        appended = []
+        for token in token_ids:
+            req.output_token_ids.append(token)
+            appended.append(token)
+            n_out = len(req.output_token_ids)
+            if token in stop_ids and n_out > params.min_tokens:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+            elif n_out >= req.max_output_tokens:
+                req.status = RequestStatus.FINISHED_LENGTH
+            if req.status.finished:
+                break
+        return appended
+
+    def finish(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """End a request from outside the step (abort, stop string, error); its blocks go back now."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.status, req.stop_reason = status, stop_reason
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.blocks.free(req.request_id)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.add(req.request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions,
+                              self.blocks.num_used_blocks, self.blocks.num_free_blocks,
+                              self.prefix_queries, self.prefix_hits, self.tokens_last_step)

@@ -1,0 +1,142 @@
+"""`sluice` command line: generate, chat (and serve, once the gateway lands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator
+
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2", help="HF folder, .gguf file, or 'smollm2' (default)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), fp32, bf16, fp16")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV cache budget, e.g. 2G or 512M")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        enable_prefix_caching=not args.no_prefix_caching)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def stream(engine, request_id: str, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Text deltas of one request, stepping the engine until it finishes."""
+    engine.add_request(request_id, prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id != request_id:
+                continue
+            if out.error:
+                raise RuntimeError(out.error)
+            yield out.outputs[0].delta_text
+            if out.finished:
+                return
+
+
+def _load_engine(args: argparse.Namespace):
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine(engine_config(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _load_engine(args)
+    prompt = args.prompt
+    if not args.raw and getattr(engine.tokenizer, "chat_template", None):
+        from engine.tokenizer import render_chat
+
+        prompt = render_chat(engine.tokenizer, [{"role": "user", "content": prompt}])
+    for delta in stream(engine, "cli", prompt, sampling_params(args)):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from engine.tokenizer import render_chat
+
+    engine = _load_engine(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model; an empty line or Ctrl-D ends, /reset clears the history.", file=sys.stderr)
+    for turn in range(1 << 30):
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for delta in stream(engine, f"chat-{turn}", render_chat(engine.tokenizer, history), sampling_params(args)):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="Sluice: serve and run LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a completion and stream it to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("--system", default=None, help="system prompt")
+    for p, fn in ((gen, cmd_generate), (chat, cmd_chat)):
+        add_engine_args(p)
+        add_sampling_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"sluice: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Paged attention in plain torch.
+
+The KV cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`.
+A token at position p of a request lives in slot `block_table[p // block_size] * block_size
++ p % block_size`. The batch is flattened: request i owns query rows
+`query_start_loc[i]:query_start_loc[i+1]`, which are the last rows of its `seq_lens[i]` tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor  # [B] int64: tokens in context after this step
+    query_start_loc: list[int]  # B + 1 offsets into the flattened rows
+    seq_lens_list: list[int]  # seq_lens as Python ints, for the per-request prefill path
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.query_start_loc[-1] == self.num_seqs
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # key, value: [T, KVH, D]; caches: [NB, BS, KVH, D]
+    kvh, d = key.shape[1], key.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of the new rows over each request's cached context. q: [T, H, D] -> [T, H, D]."""
+    if meta.is_decode_only:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc
+    for i, seq_len in enumerate(meta.seq_lens_list):
+        rows = slice(starts[i], starts[i + 1])
+        out[rows] = _prefill_one(q[rows], k_cache, v_cache, meta.block_tables[i], seq_len, meta.block_size, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    # cache: [NB, BS, KVH, D], block_ids: [..., nb] -> [..., nb * BS, KVH, D]
+    x = cache[block_ids]
+    return x.flatten(-4, -3)
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # One query row per request: pad every context to the longest and mask the tail.
+    max_len = max(meta.seq_lens_list)
+    nb = -(-max_len // meta.block_size)
+    block_ids = meta.block_tables[:, :nb]
+    k = _gather(k_cache, block_ids).transpose(1, 2)  # [B, KVH, S, D]
+    v = _gather(v_cache, block_ids).transpose(1, 2)
+    s = k.shape[2]
+    qb = q.unsqueeze(2)  # [B, H, 1, D]
+    if min(meta.seq_lens_list) == s:
+        mask = None
+    else:
+        mask = (torch.arange(s, device=q.device) < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def _prefill_one(q, k_cache, v_cache, block_table, seq_len: int, block_size: int, scale: float) -> torch.Tensor:
+    # q: [L, H, D], the last L of seq_len positions; earlier ones are a cached prefix.
+    n_q = q.shape[0]
+    nb = -(-seq_len // block_size)
+    k = _gather(k_cache, block_table[:nb])[:seq_len].transpose(0, 1)  # [KVH, S, D]
+    v = _gather(v_cache, block_table[:nb])[:seq_len].transpose(0, 1)
+    qh = q.transpose(0, 1)  # [H, L, D]
+    if n_q == seq_len:
+        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
