@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,15 @@ from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 log = logging.getLogger("sluice.engine")
 # CPU decoding is compute-bound long before 2 GiB of KV (about 45k tokens of the default model) fill up.
 _CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    prompt: str | None
+    token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
 
 
 class LLMEngine:
@@ -57,17 +67,28 @@ class LLMEngine:
     # ---- requests in ----
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     priority: int = 0) -> None:
-        if request_id in self.outputs.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority))
+
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                        priority: int = 0) -> PreparedRequest:
+        """Tokenize and validate; touches no engine state, so any thread may call it."""
         text = prompt if isinstance(prompt, str) else None
         token_ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
-        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        self.outputs.add(request_id, text, token_ids, params, child_ids)
+        return PreparedRequest(request_id, text, token_ids, params, priority)
+
+    def add_prepared(self, req: PreparedRequest) -> None:
+        """Queue a prepared request; only the thread that steps the engine may call it."""
+        if req.request_id in self.outputs.parents:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        params = req.params
+        child_ids = [req.request_id] if params.n == 1 else [f"{req.request_id}#{i}" for i in range(params.n)]
+        self.outputs.add(req.request_id, req.prompt, req.token_ids, params, child_ids)
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i)
-            self.scheduler.add_request(Request(child_id, token_ids, child_params, self.max_model_len, priority))
+            self.scheduler.add_request(Request(child_id, req.token_ids, child_params, self.max_model_len,
+                                               req.priority))
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
