@@ -87,8 +87,9 @@ class LLMEngine:
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i)
+            leader = child_ids[0] if i > 0 else None
             self.scheduler.add_request(Request(child_id, req.token_ids, child_params, self.max_model_len,
-                                               req.priority))
+                                               req.priority, prefix_leader=leader))
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:

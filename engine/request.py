@@ -37,6 +37,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     error: str | None = None
+    prefix_leader: str | None = None  # an n > 1 sibling whose prompt blocks this one will share
 
     @property
     def num_prompt_tokens(self) -> int:

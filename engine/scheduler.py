@@ -109,13 +109,16 @@ class Scheduler:
                 scheduled.append(self._scheduled(req, n))
                 budget -= n
         # New work only when nothing was preempted, so a request is never re-admitted in the step that evicted it.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if budget <= 0 or preempted or len(self.running) >= self.max_num_seqs:
+                break
+            if self._leader_prefilling(req):
+                continue
             n_computed, cached = self._prefix_hit(req)
             n = min(req.num_tokens - n_computed, budget)
             if not self.blocks.allocate(req.request_id, n_computed + n, cached):
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             self._count_prefix(req, n_computed)
             req.num_computed_tokens = n_computed
             req.status = RequestStatus.RUNNING
@@ -125,6 +128,12 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, set()
         self.tokens_last_step = self.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, finished)
+
+    def _leader_prefilling(self, req: Request) -> bool:
+        """n > 1 siblings wait for the first one's prompt, then share its blocks through the prefix cache."""
+        leader = self.requests.get(req.prefix_leader) if req.prefix_leader else None
+        return (leader is not None and self.blocks.enable_prefix_caching
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     def _prefix_hit(self, req: Request) -> tuple[int, list[int]]:
         all_ids = req.token_slice(0, req.num_tokens)
