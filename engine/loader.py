@@ -14,6 +14,7 @@ from safetensors import safe_open
 from engine.config import ModelConfig
 from engine.default_model import ModelSource, resolve_model
 from engine.model import LlamaForCausalLM
+from kernels import attention_backend
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
@@ -49,6 +50,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> L
     model = model.to_empty(device=device)
     load_weights(model, tensors)
     model.tie_weights()
+    model.set_attention_backend(attention_backend(device))
     model = model.to(torch_dtype)
     model.rope.build(device)  # fp32 tables, cast per use
     model.eval().requires_grad_(False)

@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.rope import RotaryEmbedding, apply_rope
-from kernels import AttentionMetadata, paged_attention, write_kv
+from kernels import TORCH_BACKEND, AttentionBackend, AttentionMetadata
 
 
 class Linear(nn.Module):
@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
+        self.backend: AttentionBackend = TORCH_BACKEND
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -58,8 +59,8 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
         v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        self.backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
 
@@ -99,6 +100,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        for layer in self.layers:
+            layer.self_attn.backend = backend
 
     def tie_weights(self) -> None:
         """After loading: a tied head gets its own transposed copy of the embedding (see Linear)."""
