@@ -9,6 +9,7 @@ from decoding.sampler import Sampler, SamplingMetadata, make_generator
 from engine.config import ModelConfig
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
+from engine.platform import tune_cpu_allocator
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import AttentionMetadata
 
@@ -41,6 +42,8 @@ class ModelRunner:
         self.block_size = block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         cfg = self.config
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros, not empty: padded decode rows read (masked) slots, and 0 * NaN would poison them
