@@ -53,6 +53,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> L
     model.set_attention_backend(attention_backend(device))
     model = model.to(torch_dtype)
     model.rope.build(device)  # fp32 tables, cast per use
+    model.pack_linears_for_cpu()
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, hf_config, source, time.perf_counter() - start)
 
