@@ -36,7 +36,7 @@ class PreparedRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.loaded = loaded or load_model(config.model, config.device, config.dtype)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.quantization)
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(self.loaded.source)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.loaded.source, self.loaded.hf_config)

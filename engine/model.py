@@ -4,6 +4,8 @@ Projections are fused (q/k/v as one matmul, gate/up as one) so a decode step run
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,7 @@ class Linear(nn.Module):
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN layout, once `pack_for_cpu` ran
+        self.int8: torch.ScriptObject | None = None  # fbgemm packed int8 weight, once `quantize_int8` ran
 
     def pack_for_cpu(self, batch_hint: int = 32) -> None:
         """Reorder W into oneDNN's blocked layout and drop the plain copy.
@@ -36,7 +39,27 @@ class Linear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.weight_t = nn.Parameter(torch.empty(0), requires_grad=False)
 
+    def quantize_int8(self) -> None:
+        """Symmetric per-output-channel int8 weights for fbgemm's dynamic linear; drops the fp32 copy.
+
+        Activations are quantized per call (per tensor, 7-bit: reduce_range avoids the int16
+        saturation of AVX2's u8 x s8 multiply-add).
+        """
+        weight = self.weight_t.detach().t().float().contiguous()  # [out, in]
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            # torch marks its quantized tensor types deprecated (torchao is the successor); fbgemm's
+            # dynamic linear still takes them, and it is the measured-fast int8 path on this CPU.
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        bias = None if self.bias is None else self.bias.detach().float()
+        self.int8 = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.weight_t = nn.Parameter(torch.empty(0), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return torch.ops.quantized.linear_dynamic(x, self.int8, True)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
@@ -124,6 +147,14 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack_for_cpu()
         return True
+
+    def quantize_int8(self, progress: bool = False) -> None:
+        """Every projection and the LM head to int8 (fbgemm, CPU); embeddings, norms and KV stay fp32."""
+        from tqdm import tqdm
+
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for module in tqdm(linears, desc="Quantizing to int8", unit="layer", disable=not progress, leave=False):
+            module.quantize_int8()
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:

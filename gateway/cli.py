@@ -14,6 +14,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2", help="HF folder, .gguf file, or 'smollm2' (default)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), fp32, bf16, fp16")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"],
+                   help="auto: int8 linear layers on CPU, none on GPU; none is exact")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV cache budget, e.g. 2G or 512M")
     g.add_argument("--max-num-seqs", type=int, default=64)
@@ -23,7 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+    return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                        block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching)

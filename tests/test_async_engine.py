@@ -26,12 +26,13 @@ def _cases() -> list[tuple[str, SamplingParams]]:
 
 @pytest.fixture
 def llm_engine(tiny_llama_dir) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE))
+    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
+                                  quantization="none"))
 
 
 @pytest.fixture(scope="module")
 def alone_outputs(tiny_llama_dir) -> list[list[int]]:
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, quantization="none")
     return [llm.generate([prompt], params)[0].outputs[0].token_ids for prompt, params in _cases()]
 
 

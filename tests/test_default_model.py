@@ -23,7 +23,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2", kv_cache_memory=256 << 20, block_size=16)
+    return LLM("smollm2", kv_cache_memory=256 << 20, block_size=16, quantization="none")
 
 
 def test_greedy_chat_matches_transformers_generate(llm):

@@ -8,7 +8,7 @@ from engine import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=4)
+    return LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=4, quantization="none")
 
 
 PROMPTS = ["The quick brown fox", "Paged attention stores", "def add(a, b):", "Continuous"]

@@ -11,7 +11,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 
 def _engine(folder, **kw) -> LLMEngine:
-    opts = dict(num_kv_blocks=256, block_size=4, max_num_batched_tokens=256)
+    opts = dict(num_kv_blocks=256, block_size=4, max_num_batched_tokens=256, quantization="none")
     opts.update(kw)
     return LLMEngine(EngineConfig(model=str(folder), **opts))
 

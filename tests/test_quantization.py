@@ -1,0 +1,92 @@
+"""The int8 quality gate on the real model, and int8 linears on a tiny one."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.loader import INT8_PASSES_QUALITY_GATE, load_model, resolve_quantization
+from engine.model import Linear
+from engine.model_runner import ModelRunner
+from engine.scheduler import ScheduledRequest
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about autumn leaves.", "Explain what a linked list is.",
+    "List three tips for better sleep.", "Translate 'good morning' into Spanish.", "What is 12 times 7?",
+    "Name the planets of the solar system.", "Give me a synonym for 'happy'.", "What does a compiler do?",
+    "Describe a cat in one sentence.", "Why is the sky blue?", "Write a limerick about a programmer.",
+    "What is photosynthesis?", "Suggest a name for a coffee shop.", "How do vaccines work?",
+    "What is the boiling point of water?", "Summarize the plot of Romeo and Juliet.",
+    "Give an example of a prime number greater than 50.", "What is machine learning?",
+    "How many days are in a leap year?",
+]
+# Written for this test: plain expository prose, no quotations from elsewhere.
+TEXT = (
+    "The river town woke slowly on market days. Before sunrise the bakers lit their ovens, and the smell of warm "
+    "bread drifted over the water. Fishermen pulled their boats onto the gravel and sorted the night's catch into "
+    "wooden crates. By seven o'clock the square was full of stalls selling apples, cheese, honey and wool. "
+    "Children ran between the tables while their parents argued cheerfully about prices. The old bridge, built of "
+    "grey stone three centuries ago, carried a steady stream of carts from the farms on the far bank. In the "
+    "afternoon the wind usually turned, and clouds gathered over the hills to the west. Most traders packed up "
+    "early, because a sudden rain could ruin a whole day's work. In the evening the town grew quiet again, and "
+    "the only sounds were the river, the church bell, and a dog barking somewhere beyond the mill."
+)
+
+
+def test_int8_linear_is_close_to_fp32():
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    torch.nn.init.normal_(lin.weight_t, std=0.1)
+    torch.nn.init.normal_(lin.bias, std=0.1)
+    x = torch.randn(5, 64)
+    ref = lin(x)
+    lin.quantize_int8()
+    out = lin(x)
+    assert lin.weight_t.numel() == 0  # the fp32 copy is gone
+    assert (out - ref).norm() / ref.norm() < 0.03
+
+
+def test_quantization_choices():
+    assert resolve_quantization("auto", "cuda") == "none"
+    assert resolve_quantization("int8", "cpu") == "int8"
+    assert resolve_quantization("none", "cpu") == "none"
+    with pytest.raises(ValueError):
+        resolve_quantization("int4", "cpu")
+
+
+def _perplexity(quantization: str, ids: list[int]) -> float:
+    loaded = load_model("smollm2", quantization=quantization)
+    runner = ModelRunner(loaded.model, num_blocks=-(-len(ids) // 16), block_size=16)
+    sr = ScheduledRequest("x", ids, 0, list(range(runner.kv_caches[0][0].shape[0])), True, SamplingParams(), [], [])
+    batch = runner.prepare([sr])
+    with torch.inference_mode():
+        logits = loaded.model.compute_logits(loaded.model(batch.input_ids, batch.positions, runner.kv_caches,
+                                                          batch.attn))
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    return math.exp(nll.item())
+
+
+def _gate() -> tuple[float, float, float]:
+    """Share of 20 greedy chat answers equal over 16 tokens, and perplexity in fp32 and int8."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    exact = LLM("smollm2", quantization="none", kv_cache_memory=128 << 20)
+    ids = exact.get_tokenizer().encode(TEXT)
+    ref = [o.outputs[0].token_ids for o in exact.chat(chats, params)]
+    del exact
+    fast = LLM("smollm2", quantization="int8", kv_cache_memory=128 << 20)
+    got = [o.outputs[0].token_ids for o in fast.chat(chats, params)]
+    del fast
+    agree = sum(a == b for a, b in zip(ref, got)) / len(ref)
+    return agree, _perplexity("none", ids), _perplexity("int8", ids)
+
+
+@pytest.mark.slow
+def test_default_is_int8_exactly_when_it_passes_the_quality_gate():
+    agree, ppl_fp32, ppl_int8 = _gate()
+    passes = agree >= 0.8 and ppl_int8 <= 1.03 * ppl_fp32
+    print(f"int8 gate: agreement {agree:.0%}, perplexity fp32 {ppl_fp32:.2f} int8 {ppl_int8:.2f}")
+    assert passes == INT8_PASSES_QUALITY_GATE, "update INT8_PASSES_QUALITY_GATE in engine/loader.py"
+    assert resolve_quantization("auto", "cpu") == ("int8" if passes else "none")
