@@ -60,16 +60,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=3)
     args = ap.parse_args()
-    # no prefix caching: the timed runs repeat prompts, and both must pay the same prefill
-    llm = LLM(args.model, max_num_seqs=8, kv_cache_memory=256 << 20, enable_prefix_caching=False)
-    tokenizer = llm.get_tokenizer()
-    prompts = [chat_prompt(tokenizer, p) for p in CHAT_PROMPTS[:args.prompts]]
-    sluice = bench_sluice(llm, prompts, args.tokens)
-    hf = bench_hf(str(llm.engine.loaded.source.path), tokenizer, prompts, args.tokens)
-    print_table(f"batch-1 greedy decode, {args.tokens} tokens x {len(prompts)} prompts, fp32, "
+    results = {}
+    for quantization in ("none", "int8"):
+        # no prefix caching: the timed runs repeat prompts, and both must pay the same prefill
+        llm = LLM(args.model, max_num_seqs=8, kv_cache_memory=256 << 20, enable_prefix_caching=False,
+                  quantization=quantization)
+        tokenizer = llm.get_tokenizer()
+        prompts = [chat_prompt(tokenizer, p) for p in CHAT_PROMPTS[:args.prompts]]
+        results[quantization] = bench_sluice(llm, prompts, args.tokens)
+        folder = str(llm.engine.loaded.source.path)
+        del llm
+    hf = bench_hf(folder, tokenizer, prompts, args.tokens)
+    fp32, int8 = results["none"], results["int8"]
+    print_table(f"batch-1 greedy decode, {args.tokens} tokens x {len(prompts)} prompts, "
                 f"{torch.get_num_threads()} threads",
-                ["engine", "decode tok/s", "vs transformers"],
-                [["transformers generate", hf, 1.0], ["sluice", sluice, sluice / hf]])
+                ["engine", "decode tok/s", "vs transformers", "vs sluice fp32"],
+                [["transformers generate (fp32)", hf, 1.0, hf / fp32],
+                 ["sluice fp32 (exact, default)", fp32, fp32 / hf, 1.0],
+                 ["sluice int8 (opt-in)", int8, int8 / hf, int8 / fp32]])
 
 
 if __name__ == "__main__":

@@ -92,11 +92,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--hf-single", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"])
     args = ap.parse_args()
 
     def engine(caching: bool) -> LLMEngine:
         return LLMEngine(EngineConfig(model=args.model, max_num_seqs=args.requests, kv_cache_memory=1 << 30,
-                                      enable_prefix_caching=caching, max_num_batched_tokens=512))
+                                      enable_prefix_caching=caching, max_num_batched_tokens=512,
+                                      quantization=args.quantization))
 
     eng, eng_off = engine(True), engine(False)
     jobs = workload(args.requests, eng.model_config.vocab_size)
@@ -126,7 +128,8 @@ def main() -> None:
         rows += [["transformers, one at a time", single] + [""] * 5, ["transformers, static batch 16", static] + [""] * 5]
         ratios += [f"sluice vs transformers one-at-a-time: {on['tok_s'] / single:.2f}x",
                    f"sluice vs transformers static batch 16: {on['tok_s'] / static:.2f}x"]
-    print_table(f"{args.requests} concurrent requests, prompts 16-256, outputs 32-160 tokens, greedy, fp32, "
+    print_table(f"{args.requests} concurrent requests, prompts 16-256, outputs 32-160 tokens, greedy, "
+                f"sluice linears: {'int8' if args.quantization == 'int8' else 'fp32'}, "
                 f"{torch.get_num_threads()} threads", header, rows)
     print("\n".join(ratios))
 
