@@ -78,7 +78,7 @@ class EngineConfig:
     model: str = "smollm2"
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU, the checkpoint's dtype on CUDA
-    quantization: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" (exact), "int8"
+    quantization: str = "auto"  # "none" (exact), "fp16", "int8"; auto: fastest gated CPU format
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when given
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory

@@ -4,65 +4,14 @@ Projections are fused (q/k/v as one matmul, gate/up as one) so a decode step run
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.linear import PACKERS, Linear
 from engine.rope import RotaryEmbedding, apply_rope
 from kernels import TORCH_BACKEND, AttentionBackend, AttentionMetadata
-
-
-class Linear(nn.Module):
-    """y = x W^T + b with W stored transposed, [in, out].
-
-    For the few rows of a decode step, CPU GEMM streams this layout about twice as fast as
-    nn.Linear's [out, in] (measured here: 17 vs 9 GB/s at one row, equal from four rows up).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.packed: torch.Tensor | None = None  # oneDNN layout, once `pack_for_cpu` ran
-        self.int8: torch.ScriptObject | None = None  # fbgemm packed int8 weight, once `quantize_int8` ran
-
-    def pack_for_cpu(self, batch_hint: int = 32) -> None:
-        """Reorder W into oneDNN's blocked layout and drop the plain copy.
-
-        Measured here on the default model's shapes: 1.5x faster than MKL at 8-32 rows, 1.1x at
-        512, equal at one row. fp32 only.
-        """
-        weight = self.weight_t.detach().t().contiguous()  # [out, in]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.weight_t = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def quantize_int8(self) -> None:
-        """Symmetric per-output-channel int8 weights for fbgemm's dynamic linear; drops the fp32 copy.
-
-        Activations are quantized per call (per tensor, 7-bit: reduce_range avoids the int16
-        saturation of AVX2's u8 x s8 multiply-add).
-        """
-        weight = self.weight_t.detach().t().float().contiguous()  # [out, in]
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():
-            # torch marks its quantized tensor types deprecated (torchao is the successor); fbgemm's
-            # dynamic linear still takes them, and it is the measured-fast int8 path on this CPU.
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-        bias = None if self.bias is None else self.bias.detach().float()
-        self.int8 = torch.ops.quantized.linear_prepack(qweight, bias)
-        self.weight_t = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.int8, True)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
 
 class RMSNorm(nn.Module):
@@ -137,24 +86,25 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def pack_linears_for_cpu(self) -> bool:
-        """Use oneDNN-packed weights on CPU in fp32 (see Linear.pack_for_cpu); False where unavailable."""
-        if self.embed_tokens.weight.device.type != "cpu" or self.embed_tokens.weight.dtype != torch.float32:
-            return False
-        if not torch.backends.mkldnn.is_available():
-            return False
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_for_cpu()
-        return True
+    def pack_linears(self, quantization: str, progress: bool = False) -> None:
+        """Move every projection and the LM head into a CPU library format (see engine/linear.py).
 
-    def quantize_int8(self, progress: bool = False) -> None:
-        """Every projection and the LM head to int8 (fbgemm, CPU); embeddings, norms and KV stay fp32."""
+        "none" keeps fp32 (oneDNN-packed where available); embeddings, norms and the KV cache
+        always stay in the model dtype.
+        """
         from tqdm import tqdm
 
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            if quantization != "none":
+                raise ValueError(f"{quantization} weights are a CPU fp32 feature")
+            return
+        if quantization == "none" and not torch.backends.mkldnn.is_available():
+            return
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        for module in tqdm(linears, desc="Quantizing to int8", unit="layer", disable=not progress, leave=False):
-            module.quantize_int8()
+        desc = f"Packing weights ({quantization})"
+        for module in tqdm(linears, desc=desc, unit="layer", disable=not progress, leave=False):
+            PACKERS[quantization](module)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:

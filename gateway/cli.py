@@ -14,8 +14,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2", help="HF folder, .gguf file, or 'smollm2' (default)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), fp32, bf16, fp16")
-    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"],
-                   help="auto: int8 linear layers on CPU, none on GPU; none is exact")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+                   help="CPU weight format of the linear layers. auto: the fastest that passes the "
+                        "quality gate (fp16 today); none: exact fp32; on GPU auto is the model dtype")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=_size, default=None, help="KV cache budget, e.g. 2G or 512M")
     g.add_argument("--max-num-seqs", type=int, default=64)

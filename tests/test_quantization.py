@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import INT8_PASSES_QUALITY_GATE, load_model, resolve_quantization
-from engine.model import Linear
+from engine.linear import Linear
+from engine.loader import PASSES_QUALITY_GATE, load_model, resolve_quantization
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledRequest
 
@@ -35,22 +35,25 @@ TEXT = (
 )
 
 
-def test_int8_linear_is_close_to_fp32():
+@pytest.mark.parametrize("fmt, tolerance", [("fp32", 1e-5), ("fp16", 1e-3), ("int8", 0.03)])
+def test_packed_linears_are_close_to_fp32(fmt, tolerance):
     torch.manual_seed(0)
     lin = Linear(64, 96, bias=True)
     torch.nn.init.normal_(lin.weight_t, std=0.1)
     torch.nn.init.normal_(lin.bias, std=0.1)
     x = torch.randn(5, 64)
     ref = lin(x)
-    lin.quantize_int8()
+    getattr(lin, f"pack_{fmt}")()
     out = lin(x)
-    assert lin.weight_t.numel() == 0  # the fp32 copy is gone
-    assert (out - ref).norm() / ref.norm() < 0.03
+    assert lin.weight_t.numel() == 0  # the plain fp32 copy is gone
+    assert (out - ref).norm() / ref.norm() < tolerance
 
 
 def test_quantization_choices():
     assert resolve_quantization("auto", "cuda") == "none"
     assert resolve_quantization("int8", "cpu") == "int8"
+    with pytest.raises(ValueError):
+        resolve_quantization("fp16", "cuda")
     assert resolve_quantization("none", "cpu") == "none"
     with pytest.raises(ValueError):
         resolve_quantization("int4", "cpu")
@@ -68,25 +71,30 @@ def _perplexity(quantization: str, ids: list[int]) -> float:
     return math.exp(nll.item())
 
 
-def _gate() -> tuple[float, float, float]:
-    """Share of 20 greedy chat answers equal over 16 tokens, and perplexity in fp32 and int8."""
+def _gate(fmt: str) -> tuple[float, float, float]:
+    """Share of 20 greedy chat answers equal over 16 tokens, and perplexity in fp32 and in `fmt`."""
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     exact = LLM("smollm2", quantization="none", kv_cache_memory=128 << 20)
     ids = exact.get_tokenizer().encode(TEXT)
     ref = [o.outputs[0].token_ids for o in exact.chat(chats, params)]
     del exact
-    fast = LLM("smollm2", quantization="int8", kv_cache_memory=128 << 20)
+    fast = LLM("smollm2", quantization=fmt, kv_cache_memory=128 << 20)
     got = [o.outputs[0].token_ids for o in fast.chat(chats, params)]
     del fast
     agree = sum(a == b for a, b in zip(ref, got)) / len(ref)
-    return agree, _perplexity("none", ids), _perplexity("int8", ids)
+    return agree, _perplexity("none", ids), _perplexity(fmt, ids)
 
 
 @pytest.mark.slow
-def test_default_is_int8_exactly_when_it_passes_the_quality_gate():
-    agree, ppl_fp32, ppl_int8 = _gate()
-    passes = agree >= 0.8 and ppl_int8 <= 1.03 * ppl_fp32
-    print(f"int8 gate: agreement {agree:.0%}, perplexity fp32 {ppl_fp32:.2f} int8 {ppl_int8:.2f}")
-    assert passes == INT8_PASSES_QUALITY_GATE, "update INT8_PASSES_QUALITY_GATE in engine/loader.py"
-    assert resolve_quantization("auto", "cpu") == ("int8" if passes else "none")
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+def test_quality_gate(fmt):
+    agree, ppl_fp32, ppl_fast = _gate(fmt)
+    passes = agree >= 0.8 and ppl_fast <= 1.03 * ppl_fp32
+    print(f"{fmt} gate: agreement {agree:.0%}, perplexity fp32 {ppl_fp32:.2f} {fmt} {ppl_fast:.2f}")
+    assert passes == PASSES_QUALITY_GATE[fmt], "update PASSES_QUALITY_GATE in engine/loader.py"
+
+
+def test_auto_picks_the_fastest_format_that_passes_the_gate():
+    expected = "int8" if PASSES_QUALITY_GATE["int8"] else "fp16" if PASSES_QUALITY_GATE["fp16"] else "none"
+    assert resolve_quantization("auto", "cpu") == expected
