@@ -260,9 +260,7 @@ class AsyncEngine:
         request_id = stream.prepared.request_id
         out = None
         try:
-            for child_id in self.engine.outputs.child_ids(request_id):
-                self.engine.scheduler.finish(child_id, status)
-            out = self.engine.outputs.finish(request_id, status.value, error)
+            out = self.engine.finish_request(request_id, status, error)
         except Exception:  # noqa: BLE001 - the engine is in a bad way; the consumer still gets an end
             log.exception("could not finish request %s", request_id)
         return out if out is not None and out.finished else _closed_output(stream.prepared, status.value, error)

@@ -105,9 +105,13 @@ class LLMEngine:
                              f"+ max_tokens {params.max_tokens} = {n_prompt + params.max_tokens}")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus, error: str | None = None) -> RequestOutput | None:
+        """End every open sample of a request now (blocks go back) and give its final output; None if unknown."""
         for child_id in self.outputs.child_ids(request_id):
-            self.scheduler.finish(child_id, RequestStatus.FINISHED_ABORTED)
-        return self.outputs.finish(request_id, "abort")
+            self.scheduler.finish(child_id, status)
+        return self.outputs.finish(request_id, status.value, error)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -128,14 +132,8 @@ class LLMEngine:
 
     def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:
         parents = {self.outputs.parent_of[c] for c in child_ids if c in self.outputs.parent_of}
-        outs = []
-        for parent_id in parents:
-            for child_id in self.outputs.child_ids(parent_id):
-                self.scheduler.finish(child_id, RequestStatus.FINISHED_ERROR)
-            out = self.outputs.finish(parent_id, "error", message)
-            if out is not None:
-                outs.append(out)
-        return outs
+        outs = [self.finish_request(p, RequestStatus.FINISHED_ERROR, message) for p in parents]
+        return [o for o in outs if o is not None]
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
