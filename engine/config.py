@@ -1,7 +1,7 @@
 """Configuration dataclasses: what the model is, and how the engine runs it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -87,4 +87,3 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None = the model's own limit
     enable_prefix_caching: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
