@@ -1,4 +1,4 @@
-"""`sluice` command line: generate, chat (and serve, once the gateway lands)."""
+"""`sluice` command line: generate, chat, serve."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +116,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from engine.async_engine import AsyncEngine
+    from gateway.serve import ServeOptions, serve
+
+    # The key can come from the environment so it stays out of `ps` output.
+    api_key = args.api_key or os.environ.get("SLUICE_API_KEY") or None
+    serve(AsyncEngine(_load_engine(args)), args.model,
+          ServeOptions(host=args.host, port=args.port, api_key=api_key, log_level=args.log_level))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice: serve and run LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p)
         add_sampling_args(p)
         p.set_defaults(func=fn)
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this Bearer key (or set SLUICE_API_KEY)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,200 @@
+"""Request bodies of the OpenAI API, checked and turned into (prompt, SamplingParams).
+
+Every malformed or out-of-range field becomes an APIError 400 naming the field, so no client input
+reaches the engine in a shape that could fail there as a 500.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import render_chat
+from gateway.errors import APIError, bad_request
+
+Body = dict[str, Any]
+_MISSING = object()
+MAX_N = 128  # OpenAI's own limit; each sample costs a sequence slot and its KV blocks
+_INT64 = 1 << 63  # sampling tensors are int64: a wider value would fail the whole batch's step
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_json(raw: bytes) -> Body:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def parse_chat(body: Body, tokenizer, vocab_size: int) -> GenerationRequest:
+    messages = _field(body, "messages", list)
+    if not messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    prompt = render_messages(tokenizer, [_message(m, i) for i, m in enumerate(messages)])
+    want_logprobs = _field(body, "logprobs", bool, False)
+    top = _field(body, "top_logprobs", int, None)
+    if top is not None and not want_logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    max_tokens = _field(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", int, None)
+    params = _sampling(body, vocab_size, max_tokens=max_tokens, logprobs=(top or 0) if want_logprobs else None)
+    return _request(body, prompt, params)
+
+
+def parse_completion(body: Body, vocab_size: int) -> GenerationRequest:
+    prompt = _prompt(_field(body, "prompt", (str, list)), vocab_size)
+    # The completions API's default is 16 tokens; chat's is "until the context is full".
+    params = _sampling(body, vocab_size, max_tokens=_field(body, "max_tokens", int, 16),
+                       logprobs=_field(body, "logprobs", int, None))
+    if _field(body, "echo", bool, False):
+        raise bad_request("echo is not supported", "echo")
+    return _request(body, prompt, params)
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
+    try:
+        return render_chat(tokenizer, messages)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the client's mistake
+        raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
+
+
+def _request(body: Body, prompt: str | list[int], params: SamplingParams) -> GenerationRequest:
+    model = _field(body, "model", str)
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, None) or {}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage must be a boolean", "stream_options")
+    if options and not stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    return GenerationRequest(model, prompt, params, stream, include_usage)
+
+
+def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    stop = _field(body, "stop", (str, list), None)
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise bad_request("stop must be a string or a list of strings", "stop")
+    n = _field(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be in [1, {MAX_N}], got {n}", "n")
+    try:
+        return SamplingParams(
+            n=n,
+            temperature=_field(body, "temperature", float, 1.0),
+            top_p=_field(body, "top_p", float, 1.0),
+            top_k=_field(body, "top_k", int, 0),
+            min_p=_field(body, "min_p", float, 0.0),
+            repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+            presence_penalty=_field(body, "presence_penalty", float, 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+            logit_bias=_logit_bias(_field(body, "logit_bias", dict, None), vocab_size),
+            seed=_field(body, "seed", int, None),
+            max_tokens=max_tokens,
+            min_tokens=_field(body, "min_tokens", int, 0),
+            stop=stop if isinstance(stop, list) else ([stop] if stop else []),
+            ignore_eos=_field(body, "ignore_eos", bool, False),
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc), _param_of(str(exc))) from None
+
+
+def _param_of(message: str) -> str | None:
+    # SamplingParams messages start with the field name ("temperature must be ...").
+    name = message.split(" ", 1)[0]
+    return name if name.isidentifier() else None
+
+
+def _logit_bias(bias: dict | None, vocab_size: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias token id {token} is out of range [0, {vocab_size})", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad_request(f"logit_bias values must be numbers in [-100, 100], got {value!r}", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _prompt(prompt: str | list, vocab_size: int) -> str | list[int]:
+    # A batch of one prompt is accepted in either spelling; real batches are not supported.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        return prompt
+    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise bad_request("prompt must be a string, a list of token ids, or a list of one of those", "prompt")
+    if not all(0 <= t < vocab_size for t in prompt):
+        raise bad_request(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    return list(prompt)
+
+
+def _message(m: Any, i: int) -> dict[str, str]:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise bad_request("each message must be an object with a string role", param)
+    content = m.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):  # content parts: only text ones are meaningful to a text model
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise bad_request("only text content parts are supported", param)
+        content = "".join(p["text"] for p in content)
+    elif not isinstance(content, str):
+        raise bad_request("message content must be a string or a list of text parts", param)
+    return {"role": m["role"], "content": content}
+
+
+def _field(body: Body, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    value = body.get(key, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise bad_request(f"missing required field {key!r}", key)
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON booleans are Python ints; a number field must not take them, and a bool field only them.
+    ok = any(_is(value, k) for k in kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise APIError(400, f"{key} must be of type {names}, got {type(value).__name__}", key, "invalid_type")
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        raise bad_request(f"{key} is out of range", key)
+    return float(value) if kinds == (float,) else value
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        # math.isfinite raises OverflowError on a very wide int, so ints are bounded instead
+        return isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and abs(value) < _INT64
+    return isinstance(value, kind)

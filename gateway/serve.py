@@ -1,0 +1,38 @@
+"""Run the gateway under uvicorn, with the engine's lifetime tied to the app's lifespan."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+
+from engine.async_engine import AsyncEngine
+from gateway.app import build_app
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+
+
+def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> Starlette:
+    """The app, starting the engine on lifespan startup and stopping it on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The engine thread must live exactly as long as the server, and start on the server's loop.
+        async with engine:
+            yield
+
+    return build_app(engine, model_name, api_key, lifespan=lifespan)
+
+
+def serve(engine: AsyncEngine, model_name: str, options: ServeOptions) -> None:
+    import uvicorn
+
+    app = build_served_app(engine, model_name, options.api_key)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)

@@ -1,0 +1,251 @@
+"""The HTTP gateway on a tiny model: a real uvicorn server on loopback, driven by the openai SDK and raw httpx."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from gateway.serve import build_served_app
+
+MODEL, KEY = "tiny-llama", "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
+
+
+class _Server:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(build_served_app(engine, MODEL, KEY), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir):
+    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=512, block_size=4,
+                                                  quantization="none"))
+    with _Server(engine) as srv:
+        yield srv
+    assert not engine.is_running  # the lifespan stopped it
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def sse_events(text: str) -> list[str]:
+    """The data payloads of a raw SSE body, checking the framing: `data: ...` then a blank line, each."""
+    assert text.endswith("\n\n")
+    events = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        assert len(lines) == 1 and lines[0].startswith("data: "), block
+        events.append(lines[0].removeprefix("data: "))
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return events
+
+
+def idle(engine: AsyncEngine, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if engine.engine.block_manager.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_health_and_models(http, client):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_non_streaming_and_streaming_agree(client, server):
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    choice = full.choices[0]
+    assert full.object == "chat.completion" and full.model == MODEL and full.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    prompt_len = len(server.engine.engine.prepare_request(
+        "x", server.engine.engine.tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                                                add_generation_prompt=True),
+        _params()).token_ids)
+    assert full.usage.prompt_tokens == prompt_len
+    assert full.usage.total_tokens == prompt_len + full.usage.completion_tokens
+    assert 1 <= full.usage.completion_tokens <= 12
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [choice.finish_reason]
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_completions_streaming_and_not(client):
+    kw = dict(model=MODEL, prompt="Paged attention stores", max_tokens=10, temperature=0, extra_body={
+        "ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 10
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sampling_options_n_stop_logprobs(client):
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=2, seed=3, top_p=0.9,
+                                         presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"5": 2},
+                                         stop=["zzz"], logprobs=True, top_logprobs=2,
+                                         extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
+                                                     "min_tokens": 2})
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.usage.completion_tokens == sum(len(c.logprobs.content) for c in out.choices)
+    for entry in out.choices[0].logprobs.content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+    text = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4, logprobs=3, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert text.usage.prompt_tokens == 3
+
+
+def test_raw_sse_framing_and_include_usage(http):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["usage"] is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 5
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 3, "stream": True}
+    r = http.post("/v1/completions", json=body)
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in chunks)
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_errors(http, server):
+    chat = {"model": MODEL, "messages": MESSAGES}
+    assert _error(http.post("/v1/chat/completions", json={**chat, "temperature": -1}), 400)["param"] == "temperature"
+    assert _error(http.post("/v1/chat/completions", json={**chat, "temperature": "hot"}), 400)["param"] == "temperature"
+    assert _error(http.post("/v1/chat/completions", json={**chat, "logit_bias": {"x": 1}}), 400)["param"] == "logit_bias"
+    assert _error(http.post("/v1/chat/completions", json={**chat, "messages": "hi"}), 400)["param"] == "messages"
+    assert _error(http.post("/v1/completions", json={"model": MODEL}), 400)["param"] == "prompt"
+    err = _error(http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    assert err["type"] == "invalid_request_error"
+    _error(http.post("/v1/chat/completions", content=b"[1, 2]"), 400)
+    _error(http.post("/v1/chat/completions", content=b"[" * 200_000 + b"]" * 200_000), 400)
+    _error(http.post("/v1/chat/completions", content=b"\xff\xfe{}"), 400)
+    assert _error(http.post("/v1/chat/completions", json={**chat, "model": "gpt-9"}), 404)["code"] == "model_not_found"
+    _error(http.get("/v1/nope"), 404)
+    _error(http.get("/v1/chat/completions"), 405)
+    _error(httpx.post(f"{server.url}/v1/chat/completions", json=chat), 401)
+    _error(httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    _error(http.post("/v1/completions", content=b"x" * (3 << 19)), 413)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 200
+    err = _error(http.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt}), 400)
+    assert "context" in err["message"]
+    # still serving after all of that
+    assert http.post("/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 2}).status_code == 200
+
+
+def _params():
+    from engine.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=1)
+
+
+def test_client_disconnect_mid_stream_aborts(http, server):
+    aborted = []
+    real_abort = server.engine.abort
+
+    async def spy(request_id):
+        aborted.append(request_id)
+        await real_abort(request_id)
+
+    server.engine.abort = spy
+    try:
+        body = {"model": MODEL, "prompt": "The quick", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        assert idle(server.engine)
+        assert len(aborted) == 1
+
+        # Non-streaming: the client gives up waiting; the server notices and aborts.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 480}, timeout=0.3)
+        assert idle(server.engine)
+        assert len(aborted) == 2
+    finally:
+        del server.engine.abort
+
+
+_FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "max_completion_tokens", "stop",
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", "top_logprobs",
+           "ignore_eos", "min_tokens", "stream", "stream_options", "messages", "model"]
+
+
+@pytest.mark.parametrize("value", ["x", -5, 10**30, 10**400, 1.5, [], {}, True, [1, "a"], {"include_usage": 3}])
+def test_no_malformed_field_is_a_server_error(http, value):
+    for field in _FIELDS:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, field: value}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code in (200, 400, 404), (field, value, r.status_code, r.text)
+        if r.status_code != 200:
+            _error(r, r.status_code)
+    for field in ["prompt", "logprobs", "echo", "max_tokens"]:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 2, field: value})
+        assert r.status_code in (200, 400), (field, value, r.status_code, r.text)
+
+
+def test_chat_streaming_n2(http):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "n": 2, "stream": True, "ignore_eos": True}
+    chunks = [json.loads(e) for e in sse_events(http.post("/v1/chat/completions", json=body).text)[:-1]]
+    assert [c["index"] for c in chunks[0]["choices"]] == [0, 1]
+    finished = [ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"] == "length"]
+    assert sorted(finished) == [0, 1]
