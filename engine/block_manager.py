@@ -101,12 +101,22 @@ class BlockManager:
                 self._cached[key] = block.block_id
 
     def trim(self, request_id: str, num_tokens: int) -> None:
-        """Give back the blocks past `num_tokens` (e.g. slots reserved for rejected speculative tokens)."""
-        table = self.tables[request_id]
+        """Give back the blocks past `num_tokens` (e.g. slots reserved for rejected speculative tokens).
+
+        The last kept block, when partial, will be written again from the middle: it leaves the prefix
+        cache, and it must not be shared (ValueError, nothing changed) since others read its content.
+        """
+        table, bs = self.tables[request_id], self.block_size
         keep = self.blocks_needed(num_tokens)
+        partial = self.blocks[table[keep - 1]] if num_tokens % bs and keep <= len(table) else None
+        if partial is not None and partial.ref_count > 1:
+            raise ValueError(f"cannot trim {request_id!r} into block {partial.block_id}: it is shared")
         while len(table) > keep:
             self._unref(table.pop())
-        del self._keys[request_id][num_tokens // self.block_size:]
+        del self._keys[request_id][num_tokens // bs:]
+        if partial is not None and partial.key is not None:
+            del self._cached[partial.key]
+            partial.key = None
 
     def free(self, request_id: str) -> None:
         table = self.tables.pop(request_id, [])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -53,6 +55,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def trim(self, data, cut):
         rid = data.draw(st.sampled_from(sorted(self.tokens)))
         keep = max(1, len(self.tokens[rid]) - cut)
+        table = list(self.bm.tables[rid])
+        partial = self.bm.blocks[table[self.bm.blocks_needed(keep) - 1]] if keep % BS else None
+        if partial is not None and partial.ref_count > 1:
+            with pytest.raises(ValueError, match="shared"):
+                self.bm.trim(rid, keep)
+            assert self.bm.tables[rid] == table  # refused whole
+            return
         self.bm.trim(rid, keep)
         self.tokens[rid] = self.tokens[rid][:keep]
 
@@ -77,6 +86,21 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert len(table) == self.bm.blocks_needed(len(self.tokens[rid]))
         for key, block_id in self.bm._cached.items():
             assert self.bm.blocks[block_id].key == key
+
+    @invariant()
+    def cached_keys_match_content(self):
+        # a block may be found under a key only while it holds exactly those tokens
+        if not hasattr(self, "bm"):
+            return
+        for rid, table in self.bm.tables.items():
+            toks, parent = self.tokens[rid], None
+            for i, b in enumerate(table):
+                if (i + 1) * BS > len(toks):  # partial: it will be written again, so it is never cached
+                    assert self.bm.blocks[b].key is None
+                    break
+                parent = hash((parent, tuple(toks[i * BS:(i + 1) * BS])))
+                key = self.bm.blocks[b].key
+                assert key is None or key == parent
 
     @invariant()
     def shared_blocks_hold_equal_prefixes(self):
