@@ -23,10 +23,12 @@ from starlette.types import Lifespan
 from engine.async_engine import AsyncEngine, EngineError
 from engine.outputs import CompletionOutput, RequestOutput
 from gateway.errors import APIError, bad_request, exception_handlers
+from gateway.metrics import Metrics
 from gateway.protocol import GenerationRequest, parse_chat, parse_completion, parse_json
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _DISCONNECT_POLL_S = 0.1
+_KEEPALIVE_S = 15
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
@@ -35,6 +37,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     routes = [
         Route("/health", gw.health, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/metrics", gw.metrics.endpoint, methods=["GET"]),
         Route("/v1/chat/completions", gw.chat, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
     ]
@@ -70,6 +73,7 @@ class _Gateway:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+        self.metrics = Metrics(engine)
 
     # ---- routes ----
     async def health(self, request: Request) -> Response:
@@ -136,14 +140,24 @@ class _Gateway:
             raise bad_request(str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
         call = _Call(request_id, int(time.time()), chat, req, prepared.token_ids)
         if req.stream:
-            return EventSourceResponse(self._events(call), sep="\n", ping=0)
+            # keep-alive comments every 15 s, so proxies do not cut a stream that is slow to start
+            return EventSourceResponse(self._events(call), sep="\n", ping=_KEEPALIVE_S)
         final = await self._collect(request, call)
         if final is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         return JSONResponse(self._full_response(call, final))
 
-    def _stream(self, call: _Call) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(call.prompt_token_ids, call.req.params, call.request_id)
+    async def _stream(self, call: _Call) -> AsyncIterator[RequestOutput]:
+        timer = self.metrics.timer()
+        try:
+            # aclosing: closing this wrapper must close the engine stream now, which aborts the request
+            async with contextlib.aclosing(self.engine.generate(call.prompt_token_ids, call.req.params,
+                                                                call.request_id)) as stream:
+                async for out in stream:
+                    timer.observe(out)
+                    yield out
+        finally:
+            timer.done()
 
     # ---- non-streaming ----
     async def _collect(self, request: Request, call: _Call) -> RequestOutput | None:

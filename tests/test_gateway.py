@@ -69,6 +69,8 @@ def sse_events(text: str) -> list[str]:
     assert text.endswith("\n\n")
     events = []
     for block in text[:-2].split("\n\n"):
+        if block.startswith(":"):  # a keep-alive comment
+            continue
         lines = block.split("\n")
         assert len(lines) == 1 and lines[0].startswith("data: "), block
         events.append(lines[0].removeprefix("data: "))
@@ -249,3 +251,24 @@ def test_chat_streaming_n2(http):
     assert [c["index"] for c in chunks[0]["choices"]] == [0, 1]
     finished = [ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"] == "length"]
     assert sorted(finished) == [0, 1]
+
+
+def test_metrics_count_requests_and_expose_engine_gauges(http):
+    def scrape() -> dict[str, float]:
+        res = http.get("/metrics")
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in res.text.splitlines() if line and not line.startswith("#")}
+
+    before = scrape()
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    after = scrape()
+    key = 'sluice_requests_total{outcome="length"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["sluice_time_to_first_token_seconds_count"] == before.get("sluice_time_to_first_token_seconds_count", 0) + 1
+    assert after["sluice_time_per_output_token_seconds_count"] >= 1
+    for gauge in ("sluice_requests_running", "sluice_requests_waiting", "sluice_kv_blocks_used",
+                  "sluice_kv_blocks_free", "sluice_prefix_cache_hit_rate"):
+        assert gauge in after
+    assert after["sluice_kv_blocks_used"] + after["sluice_kv_blocks_free"] == 512
