@@ -27,13 +27,15 @@ from gateway.metrics import Metrics
 from gateway.protocol import GenerationRequest, parse_chat, parse_completion, parse_json
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_IN_FLIGHT = 256  # beyond this a request gets 429 instead of waiting in an unbounded queue
 _DISCONNECT_POLL_S = 0.1
 _KEEPALIVE_S = 15
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifespan: Lifespan | None = None) -> Starlette:
-    gw = _Gateway(engine, model_name, api_key, max_body_bytes)
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+              lifespan: Lifespan | None = None) -> Starlette:
+    gw = _Gateway(engine, model_name, api_key, max_body_bytes, max_in_flight)
     routes = [
         Route("/health", gw.health, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
@@ -67,8 +69,11 @@ class _Call:
 
 
 class _Gateway:
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None, max_body_bytes: int):
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None, max_body_bytes: int,
+                 max_in_flight: int):
         self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # generation streams open now (the event loop is the only writer)
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -132,6 +137,9 @@ class _Gateway:
     async def _run(self, request: Request, req: GenerationRequest, chat: bool) -> Response:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running")
+        if self.in_flight >= self.max_in_flight:
+            raise APIError(429, f"too many requests in flight (limit {self.max_in_flight}); retry later",
+                           code="rate_limit_exceeded")
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             # Tokenize and check the context length here, so a bad prompt is a 400 before any stream opens.
@@ -149,6 +157,7 @@ class _Gateway:
 
     async def _stream(self, call: _Call) -> AsyncIterator[RequestOutput]:
         timer = self.metrics.timer()
+        self.in_flight += 1
         try:
             # aclosing: closing this wrapper must close the engine stream now, which aborts the request
             async with contextlib.aclosing(self.engine.generate(call.prompt_token_ids, call.req.params,
@@ -157,6 +166,7 @@ class _Gateway:
                     timer.observe(out)
                     yield out
         finally:
+            self.in_flight -= 1
             timer.done()
 
     # ---- non-streaming ----

@@ -125,7 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The key can come from the environment so it stays out of `ps` output.
     api_key = args.api_key or os.environ.get("SLUICE_API_KEY") or None
     serve(AsyncEngine(_load_engine(args)), args.model,
-          ServeOptions(host=args.host, port=args.port, api_key=api_key, log_level=args.log_level))
+          ServeOptions(host=args.host, port=args.port, api_key=api_key, log_level=args.log_level,
+                       max_in_flight=args.max_concurrent_requests))
     return 0
 
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require this Bearer key (or set SLUICE_API_KEY)")
+    srv.add_argument("--max-concurrent-requests", type=int, default=256,
+                     help="generation requests open at once; more get HTTP 429")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from starlette.applications import Starlette
 
 from engine.async_engine import AsyncEngine
-from gateway.app import build_app
+from gateway.app import DEFAULT_MAX_IN_FLIGHT, build_app
 
 
 @dataclass(frozen=True)
@@ -17,9 +17,11 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     log_level: str = "info"
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
 
 
-def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> Starlette:
+def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+                     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> Starlette:
     """The app, starting the engine on lifespan startup and stopping it on shutdown."""
 
     @contextlib.asynccontextmanager
@@ -28,11 +30,11 @@ def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None =
         async with engine:
             yield
 
-    return build_app(engine, model_name, api_key, lifespan=lifespan)
+    return build_app(engine, model_name, api_key, max_in_flight=max_in_flight, lifespan=lifespan)
 
 
 def serve(engine: AsyncEngine, model_name: str, options: ServeOptions) -> None:
     import uvicorn
 
-    app = build_served_app(engine, model_name, options.api_key)
+    app = build_served_app(engine, model_name, options.api_key, options.max_in_flight)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)

@@ -21,12 +21,13 @@ MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
 
 
 class _Server:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, **app_options):
         self.engine = engine
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(build_served_app(engine, MODEL, KEY), log_level="warning", lifespan="on")
+        config = uvicorn.Config(build_served_app(engine, MODEL, KEY, **app_options), log_level="warning",
+                                lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -272,3 +273,33 @@ def test_metrics_count_requests_and_expose_engine_gauges(http):
                   "sluice_kv_blocks_free", "sluice_prefix_cache_hit_rate"):
         assert gauge in after
     assert after["sluice_kv_blocks_used"] + after["sluice_kv_blocks_free"] == 512
+
+
+def test_requests_over_the_concurrency_limit_get_429(tiny_llama_dir):
+    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4,
+                                                  quantization="none"))
+    runner = engine.engine.runner
+    execute = runner.execute
+
+    def slow_execute(out):  # keep the first stream open long enough to be overtaken
+        time.sleep(0.01)
+        return execute(out)
+
+    runner.execute = slow_execute
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with _Server(engine, max_in_flight=1) as srv, httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # keep it: a dropped iterator closes the stream
+            next(lines)
+            deadline = time.monotonic() + 10
+            while engine.stats().num_running == 0:  # the first request is generating
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            res = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert res.status_code == 429
+            assert res.json()["error"]["code"] == "rate_limit_exceeded"
+        assert idle(engine)
+        ok = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert ok.status_code == 200  # the slot came back when the first stream closed
