@@ -1,0 +1,129 @@
+"""Load generator for any OpenAI-compatible server (Sluice, llama.cpp's server, vLLM).
+
+    python benchmarks/serve.py --url http://127.0.0.1:8000 --concurrency 32 --requests 64 --max-tokens 128
+    python benchmarks/serve.py --url ... --rate 2.0 --requests 64       # open loop, Poisson arrivals
+
+Streams chat completions and times every chunk: TTFT, time per output token (after the first),
+inter-token latency, request and output-token throughput. Output tokens come from the server's
+usage (stream_options.include_usage) when it reports them, otherwise one per content chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import CHAT_PROMPTS, print_table  # noqa: E402
+
+
+@dataclass
+class Result:
+    start: float
+    chunk_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.start
+
+    @property
+    def tpot(self) -> float:
+        return (self.chunk_times[-1] - self.chunk_times[0]) / max(1, self.tokens - 1)
+
+
+async def one_request(client: httpx.AsyncClient, args, prompt: str) -> Result:
+    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True  # vLLM / Sluice / llama.cpp extension: fixed-length outputs
+    res = Result(time.perf_counter())
+    chunks = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    res.tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        res.chunk_times.append(time.perf_counter())
+                        chunks += 1
+    except httpx.HTTPError as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    res.tokens = res.tokens or chunks
+    return res
+
+
+async def run(args) -> tuple[list[Result], float]:
+    rng = random.Random(0)
+    prompts = [rng.choice(CHAT_PROMPTS) for _ in range(args.requests)]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(args.concurrency, 1) + 8)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        if args.rate:  # open loop: arrivals do not wait for completions
+            tasks = []
+            for p in prompts:
+                tasks.append(asyncio.create_task(one_request(client, args, p)))
+                await asyncio.sleep(rng.expovariate(args.rate))
+            results = await asyncio.gather(*tasks)
+        else:  # closed loop: C workers, each sends its next request when the last one ends
+            queue = list(prompts)
+            results = []
+
+            async def worker():
+                while queue:
+                    results.append(await one_request(client, args, queue.pop()))
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        return results, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0.0, help="requests/s (Poisson); 0 = closed loop")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    args = ap.parse_args()
+    results, seconds = asyncio.run(run(args))
+    ok = [r for r in results if r.error is None and r.chunk_times]
+    for r in results:
+        if r.error:
+            print("error:", r.error, file=sys.stderr)
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    tokens = sum(r.tokens for r in ok)
+    mode = f"Poisson {args.rate}/s" if args.rate else f"closed loop, {args.concurrency} streams"
+    print_table(f"{args.url}: {len(ok)}/{len(results)} ok, {mode}, max_tokens {args.max_tokens}",
+                ["metric", "p50", "p90", "p99"],
+                [["TTFT s", pct([r.ttft for r in ok], .5), pct([r.ttft for r in ok], .9), pct([r.ttft for r in ok], .99)],
+                 ["TPOT ms", *(1e3 * pct([r.tpot for r in ok], q) for q in (.5, .9, .99))],
+                 ["ITL ms", *(1e3 * pct(itl, q) for q in (.5, .9, .99))]])
+    print(f"\nrequests/s {len(ok) / seconds:.2f}   output tokens/s {tokens / seconds:.1f}   ({seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
