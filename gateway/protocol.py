@@ -76,7 +76,27 @@ def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
         raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from None
 
 
+# Recognised fields this server cannot honour yet: refusing them beats silently ignoring them
+# (a client asking for JSON output must not get free text). Values that ask for nothing pass.
+_NOT_YET = {
+    "response_format": lambda v: v in (None, {"type": "text"}),
+    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None, "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: v in (None, []), "best_of": lambda v: v in (None, 1),
+    "echo": lambda v: v in (None, False), "suffix": lambda v: v in (None, ""),
+}
+
+
+def _reject_unsupported(body: Body) -> None:
+    for name, harmless in _NOT_YET.items():
+        if name in body and not harmless(body[name]):
+            raise bad_request(f"{name} is not supported by this server yet", name, "unsupported_parameter")
+
+
 def _request(body: Body, prompt: str | list[int], params: SamplingParams) -> GenerationRequest:
+    _reject_unsupported(body)
     model = _field(body, "model", str)
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, None) or {}

@@ -303,3 +303,17 @@ def test_requests_over_the_concurrency_limit_get_429(tiny_llama_dir):
         assert idle(engine)
         ok = c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
         assert ok.status_code == 200  # the slot came back when the first stream closed
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_object"}},
+    {"guided_regex": "[0-9]+"},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+])
+def test_recognised_but_unsupported_fields_are_refused_not_ignored(http, extra):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **extra}
+    res = http.post("/v1/chat/completions", json=body)
+    assert res.status_code == 400
+    assert res.json()["error"]["code"] == "unsupported_parameter"
+    plain = http.post("/v1/chat/completions", json={**body, **{k: None for k in extra}, "response_format": {"type": "text"}})
+    assert plain.status_code == 200
