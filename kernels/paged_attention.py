@@ -32,6 +32,16 @@ class AttentionMetadata:
         return self.query_start_loc[-1] == self.num_seqs
 
     @functools.cached_property
+    def query_start_loc_tensor(self) -> torch.Tensor:
+        """query_start_loc on the batch's device, built once per step for kernels that read it."""
+        return torch.tensor(self.query_start_loc, dtype=torch.int64, device=self.seq_lens.device)
+
+    @functools.cached_property
+    def max_query_len(self) -> int:
+        starts = self.query_start_loc
+        return max(b - a for a, b in zip(starts, starts[1:]))
+
+    @functools.cached_property
     def decode_blocks_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Block ids covering the longest context, and the padding mask [B, 1, 1, S] (None if no padding).
 

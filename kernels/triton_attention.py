@@ -240,21 +240,10 @@ def triton_paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-def _query_starts(meta: AttentionMetadata, device: torch.device) -> torch.Tensor:
-    # built once per step and reused by every layer, like meta.decode_blocks_and_mask
-    cached = meta.__dict__.get("_triton_query_starts")
-    if cached is None or cached.device != device:
-        cached = torch.tensor(meta.query_start_loc, dtype=torch.int64, device=device)
-        meta.__dict__["_triton_query_starts"] = cached
-    return cached
-
-
 def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Drop-in for kernels.paged_attention.paged_attention. q: [T, H, D] -> [T, H, D]."""
     if meta.is_decode_only:
         return triton_paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    starts = meta.query_start_loc
-    max_q = max(b - a for a, b in zip(starts, starts[1:]))
     return triton_paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                _query_starts(meta, q.device), max_q, scale)
+                                meta.query_start_loc_tensor, meta.max_query_len, scale)
