@@ -7,8 +7,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.default_model import SMOLLM2, ensure_default_model, gguf_path
 from engine.loader import load_model
-from engine.model_runner import ModelRunner
-from engine.scheduler import ScheduledRequest
+from tests.helpers import prompt_logits
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +49,9 @@ def test_chat_answers_sensibly(llm):
     assert out.finish_reason == "stop"
 
 
-def _prompt_logits(name: str, ids: list[int]) -> torch.Tensor:
-    loaded = load_model(name)
-    runner = ModelRunner(loaded.model, num_blocks=8, block_size=16)
-    sr = ScheduledRequest("x", ids, 0, list(range(8)), True, SamplingParams(), [], [])
-    batch = runner.prepare([sr])
-    with torch.inference_mode():
-        return loaded.model.compute_logits(loaded.model(batch.input_ids, batch.positions, runner.kv_caches, batch.attn))
-
-
 def test_gguf_file_and_converted_folder_give_the_same_logits():
     folder = ensure_default_model()
     ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182]
-    from_folder = _prompt_logits(str(folder), ids)
-    from_gguf = _prompt_logits(str(gguf_path(SMOLLM2)), ids)
+    from_folder = prompt_logits(load_model(str(folder)).model, ids)
+    from_gguf = prompt_logits(load_model(str(gguf_path(SMOLLM2))).model, ids)
     torch.testing.assert_close(from_gguf, from_folder, atol=1e-5, rtol=0)

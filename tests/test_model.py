@@ -6,22 +6,9 @@ import torch
 
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledRequest
+from tests.helpers import scheduled, step_logits
 
 BLOCK_SIZE = 4  # smaller than the prompts, so every request spans several blocks
-
-
-def _scheduled(rid, token_ids, start, blocks):
-    return ScheduledRequest(rid, token_ids, start, blocks, True, SamplingParams(temperature=0), [], [])
-
-
-def _logits(runner: ModelRunner, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-    """Logits of every new row, through the runner's own batch preparation and the paged cache."""
-    batch = runner.prepare(scheduled)
-    with torch.inference_mode():
-        hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.attn)
-        return runner.model.compute_logits(hidden)
 
 
 def _hf_logits(folder, ids: list[int]) -> torch.Tensor:
@@ -43,12 +30,12 @@ def test_prompt_and_decode_match_transformers(arch, tiny_llama_dir, tiny_qwen2_d
     # whole prompt at once, blocks deliberately out of order
     runner = ModelRunner(loaded.model, num_blocks=32, block_size=BLOCK_SIZE)
     blocks = [7, 3, 20, 1, 9, 14, 2, 30, 5, 11]
-    whole = _logits(runner, [_scheduled("a", ids, 0, blocks)])
+    whole = step_logits(runner, [scheduled("a", ids, 0, blocks)])
     torch.testing.assert_close(whole, ref, atol=1e-4, rtol=0)
 
     # token by token through a fresh cache
     runner = ModelRunner(loaded.model, num_blocks=32, block_size=BLOCK_SIZE)
-    steps = [_logits(runner, [_scheduled("b", [t], pos, blocks)]) for pos, t in enumerate(ids)]
+    steps = [step_logits(runner, [scheduled("b", [t], pos, blocks)]) for pos, t in enumerate(ids)]
     torch.testing.assert_close(torch.cat(steps), ref, atol=1e-4, rtol=0)
 
 
@@ -61,10 +48,10 @@ def test_mixed_batch_prefill_chunk_and_decodes(tiny_llama_dir):
     runner = ModelRunner(loaded.model, num_blocks=64, block_size=BLOCK_SIZE)
     tables = [list(range(0, 8)), list(range(20, 24)), list(range(40, 45))]
     # fill: first 10 tokens of seq 0, all but the last token of seqs 1 and 2
-    _logits(runner, [_scheduled("0", seqs[0][:10], 0, tables[0]), _scheduled("1", seqs[1][:-1], 0, tables[1]),
-                     _scheduled("2", seqs[2][:-1], 0, tables[2])])
-    out = _logits(runner, [_scheduled("0", seqs[0][10:], 10, tables[0]), _scheduled("1", seqs[1][-1:], 8, tables[1]),
-                           _scheduled("2", seqs[2][-1:], 13, tables[2])])
+    step_logits(runner, [scheduled("0", seqs[0][:10], 0, tables[0]), scheduled("1", seqs[1][:-1], 0, tables[1]),
+                     scheduled("2", seqs[2][:-1], 0, tables[2])])
+    out = step_logits(runner, [scheduled("0", seqs[0][10:], 10, tables[0]), scheduled("1", seqs[1][-1:], 8, tables[1]),
+                           scheduled("2", seqs[2][-1:], 13, tables[2])])
     torch.testing.assert_close(out[:13], refs[0][10:], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[13], refs[1][-1], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[14], refs[2][-1], atol=1e-4, rtol=0)
@@ -76,7 +63,7 @@ def test_batched_decode_matches_transformers(tiny_qwen2_dir):
     seqs = [torch.randint(3, loaded.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 30)]
     runner = ModelRunner(loaded.model, num_blocks=64, block_size=BLOCK_SIZE)
     tables = [[60, 61], [10, 2, 33, 4, 50], [20, 21, 22, 23, 24, 25, 26, 27]]
-    _logits(runner, [_scheduled(str(i), s[:-1], 0, t) for i, (s, t) in enumerate(zip(seqs, tables))])
-    out = _logits(runner, [_scheduled(str(i), s[-1:], len(s) - 1, t) for i, (s, t) in enumerate(zip(seqs, tables))])
+    step_logits(runner, [scheduled(str(i), s[:-1], 0, t) for i, (s, t) in enumerate(zip(seqs, tables))])
+    out = step_logits(runner, [scheduled(str(i), s[-1:], len(s) - 1, t) for i, (s, t) in enumerate(zip(seqs, tables))])
     for i, s in enumerate(seqs):
         torch.testing.assert_close(out[i], _hf_logits(tiny_qwen2_dir, s)[-1], atol=1e-4, rtol=0)

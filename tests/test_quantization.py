@@ -9,8 +9,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.linear import Linear
 from engine.loader import PASSES_QUALITY_GATE, load_model, resolve_quantization
-from engine.model_runner import ModelRunner
-from engine.scheduler import ScheduledRequest
+from tests.helpers import prompt_logits
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about autumn leaves.", "Explain what a linked list is.",
@@ -60,13 +59,7 @@ def test_quantization_choices():
 
 
 def _perplexity(quantization: str, ids: list[int]) -> float:
-    loaded = load_model("smollm2", quantization=quantization)
-    runner = ModelRunner(loaded.model, num_blocks=-(-len(ids) // 16), block_size=16)
-    sr = ScheduledRequest("x", ids, 0, list(range(runner.kv_caches[0][0].shape[0])), True, SamplingParams(), [], [])
-    batch = runner.prepare([sr])
-    with torch.inference_mode():
-        logits = loaded.model.compute_logits(loaded.model(batch.input_ids, batch.positions, runner.kv_caches,
-                                                          batch.attn))
+    logits = prompt_logits(load_model("smollm2", quantization=quantization).model, ids)
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
     return math.exp(nll.item())
 
