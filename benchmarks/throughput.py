@@ -78,6 +78,7 @@ def run_hf(model, jobs: list[Job], batch: int, pad_id: int) -> float:
             width = max(len(j.prompt_ids) for j in chunk)
             ids = torch.tensor([[pad_id] * (width - len(j.prompt_ids)) + j.prompt_ids for j in chunk])
             mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in chunk])
+            ids, mask = ids.to(model.device), mask.to(model.device)
             n = max(j.max_tokens for j in chunk)  # a static batch runs until its longest request is done
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -94,12 +95,14 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--quantization", default="none", choices=["none", "fp16", "int8"],
                     help="Sluice's weight format; the targets of the engine issue are in exact fp32 (none)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, the checkpoint's dtype on CUDA")
     args = ap.parse_args()
 
     def engine(caching: bool) -> LLMEngine:
         return LLMEngine(EngineConfig(model=args.model, max_num_seqs=args.requests, kv_cache_memory=1 << 30,
                                       enable_prefix_caching=caching, max_num_batched_tokens=512,
-                                      quantization=args.quantization))
+                                      quantization=args.quantization, device=args.device, dtype=args.dtype))
 
     eng, eng_off = engine(True), engine(False)
     jobs = workload(args.requests, eng.model_config.vocab_size)
@@ -122,16 +125,18 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(eng.loaded.source.path), dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(eng.loaded.source.path), dtype=eng.runner.dtype)
+        hf = hf.to(args.device).eval()
         pad = eng.tokenizer.pad_token_id or 0
         single = run_hf(hf, jobs[:args.hf_single], 1, pad)
         static = run_hf(hf, jobs[:16], 16, pad)
         rows += [["transformers, one at a time", single] + [""] * 5, ["transformers, static batch 16", static] + [""] * 5]
         ratios += [f"sluice vs transformers one-at-a-time: {on['tok_s'] / single:.2f}x",
                    f"sluice vs transformers static batch 16: {on['tok_s'] / static:.2f}x"]
+    where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else f"{args.device}, {eng.runner.dtype}"
     print_table(f"{args.requests} concurrent requests, prompts 16-256, outputs 32-160 tokens, greedy, "
-                f"sluice linears: {'fp32' if args.quantization == 'none' else args.quantization}, "
-                f"{torch.get_num_threads()} threads", header, rows)
+                f"sluice linears: {'fp32' if args.quantization == 'none' else args.quantization}, {where}",
+                header, rows)
     print("\n".join(ratios))
 
 
