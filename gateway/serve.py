@@ -1,14 +1,27 @@
-"""Run the gateway under uvicorn, with the engine's lifetime tied to the app's lifespan."""
+"""Run the gateway under uvicorn, with the engine's lifetime tied to the app's lifespan.
+
+Shutdown (SIGTERM, Ctrl-C, or `should_exit`): stop accepting, let the gateway end every open SSE stream and
+WebSocket request with a final event (`Gateway.drain`), then let uvicorn close connections and run the
+lifespan's exit. Without the drain, uvicorn would wait on open streams until its graceful-shutdown timeout.
+"""
 from __future__ import annotations
 
 import contextlib
+import signal
+import socket
+import sys
+import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import uvicorn
 from starlette.applications import Starlette
 
 from engine.async_engine import AsyncEngine
-from gateway.app import DEFAULT_MAX_IN_FLIGHT, build_app
+from gateway.app import DEFAULT_MAX_IN_FLIGHT, DRAIN_S, build_app
+
+# The backstop: connections still open this long after shutdown began are cut.
+GRACEFUL_SHUTDOWN_S = int(DRAIN_S) + 5
 
 
 @dataclass(frozen=True)
@@ -21,7 +34,7 @@ class ServeOptions:
 
 
 def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-                     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> Starlette:
+                     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, **app_options) -> Starlette:
     """The app, starting the engine on lifespan startup and stopping it on shutdown."""
 
     @contextlib.asynccontextmanager
@@ -30,7 +43,29 @@ def build_served_app(engine: AsyncEngine, model_name: str, api_key: str | None =
         async with engine:
             yield
 
-    return build_app(engine, model_name, api_key, max_in_flight=max_in_flight, lifespan=lifespan)
+    return build_app(engine, model_name, api_key, max_in_flight=max_in_flight, lifespan=lifespan, **app_options)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, draining the gateway's streams before uvicorn closes the connections.
+
+    uvicorn closes WebSockets at once (code 1012) and waits for HTTP responses to finish, which a long
+    stream does only at its end; the drain gives both a final event first.
+    """
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.app = config.app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting first, so nothing new starts during the drain
+            server.close()
+        await self.app.state.gateway.drain()
+        await super().shutdown(sockets)
+
+
+def server_config(app: Starlette, **options) -> uvicorn.Config:
+    return uvicorn.Config(app, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **options)
 
 
 # The engine thread re-takes the GIL after every torch op (thousands per step) while the event loop
@@ -40,11 +75,24 @@ _GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def serve(engine: AsyncEngine, model_name: str, options: ServeOptions) -> None:
-    import sys
-
-    import uvicorn
-
     sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
 
     app = build_served_app(engine, model_name, options.api_key, options.max_in_flight)
-    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+    server = GracefulServer(server_config(app, host=options.host, port=options.port, log_level=options.log_level))
+    with _sigterm_is_a_normal_exit():
+        server.run()
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_normal_exit():
+    """uvicorn re-raises the signal that stopped it once it has shut down, so the process ends the way the
+    signal says; under the default SIGTERM action that is death by signal, after a clean shutdown. A no-op
+    handler makes it a normal exit (status 0). Ctrl-C still ends in KeyboardInterrupt (the CLI's 130)."""
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's alone
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -2,54 +2,24 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from gateway.serve import build_served_app
+from tests.server import AUTH, KEY, MODEL, Server, idle, slowed
 
-MODEL, KEY = "tiny-llama", "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
-
-
-class _Server:
-    def __init__(self, engine: AsyncEngine, **app_options):
-        self.engine = engine
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(build_served_app(engine, MODEL, KEY, **app_options), log_level="warning",
-                                lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "_Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=512, block_size=4,
                                                   quantization="none"))
-    with _Server(engine) as srv:
+    with Server(engine) as srv:
         yield srv
     assert not engine.is_running  # the lifespan stopped it
 
@@ -77,16 +47,6 @@ def sse_events(text: str) -> list[str]:
         events.append(lines[0].removeprefix("data: "))
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     return events
-
-
-def idle(engine: AsyncEngine, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if engine.engine.block_manager.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_health_and_models(http, client):
@@ -278,17 +238,10 @@ def test_metrics_count_requests_and_expose_engine_gauges(http):
 def test_requests_over_the_concurrency_limit_get_429(tiny_llama_dir):
     engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, block_size=4,
                                                   quantization="none"))
-    runner = engine.engine.runner
-    execute = runner.execute
-
-    def slow_execute(out):  # keep the first stream open long enough to be overtaken
-        time.sleep(0.01)
-        return execute(out)
-
-    runner.execute = slow_execute
+    engine.engine.runner.execute = slowed(engine.engine.runner.execute)  # the first stream stays open
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
-    with _Server(engine, max_in_flight=1) as srv, httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
+    with Server(engine, max_in_flight=1) as srv, httpx.Client(base_url=srv.url, headers=AUTH, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as first:
             assert first.status_code == 200
             lines = first.iter_lines()  # keep it: a dropped iterator closes the stream
@@ -317,3 +270,25 @@ def test_recognised_but_unsupported_fields_are_refused_not_ignored(http, extra):
     assert res.json()["error"]["code"] == "unsupported_parameter"
     plain = http.post("/v1/chat/completions", json={**body, **{k: None for k in extra}, "response_format": {"type": "text"}})
     assert plain.status_code == 200
+
+
+def test_static_ui_is_served_at_root_and_the_api_still_wins(server, tmp_path):
+    from starlette.testclient import TestClient
+
+    from gateway.app import build_app
+
+    (tmp_path / "index.html").write_text("<!doctype html><title>Sluice</title>")
+    (tmp_path / "app.js").write_text("console.log(1)")
+    with TestClient(build_app(server.engine, MODEL, KEY, web_dir=tmp_path)) as c:  # no lifespan: engine untouched
+        r = c.get("/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "Sluice" in r.text
+        assert c.get("/app.js").text == "console.log(1)"
+        assert c.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL
+        assert _error(c.get("/v1/chat/completions"), 405)  # not the static files' answer
+        assert _error(c.get("/v1/nope"), 404)["code"] == "not_found"
+        assert c.get("/nope.css").status_code == 404
+    # No index.html (or no folder): no UI, and no error.
+    for web_dir in (tmp_path / "empty", None):
+        with TestClient(build_app(server.engine, MODEL, KEY, web_dir=web_dir)) as c:
+            assert _error(c.get("/"), 404)["code"] == "not_found"
+

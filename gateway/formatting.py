@@ -1,0 +1,164 @@
+"""OpenAI response objects built from engine outputs: full choices, and the chunks of a stream.
+
+SSE and the WebSocket API both send exactly what `ChunkStream.chunks` yields, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from engine.outputs import CompletionOutput, RequestOutput
+from gateway.errors import APIError
+from gateway.protocol import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Call:
+    """One accepted generation request, ready to run."""
+
+    request_id: str
+    created: int
+    chat: bool
+    req: GenerationRequest
+    prompt_token_ids: list[int]
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def envelope(self, obj: str, choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> dict:
+        body: dict[str, Any] = {"id": self.request_id, "object": obj, "created": self.created,
+                                "model": self.req.model, "choices": choices}
+        if usage is not None or with_usage:
+            body["usage"] = usage
+        return body
+
+
+class ChunkStream:
+    """The chunk objects of one streamed call. `last` is the latest engine output seen (for usage)."""
+
+    def __init__(self, tokenizer, call: Call):
+        self.call = call
+        self.fmt = Formatter(tokenizer, call)
+        self.last: RequestOutput | None = None
+
+    async def chunks(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+        """Every chunk of the call, in order: role deltas (chat), content deltas, the usage chunk if asked.
+
+        A request that fails in the engine raises APIError after the chunks before the failure. One the
+        engine aborted (it is stopping) ends normally, its last chunk saying finish_reason "abort".
+        Closing this generator closes `outputs`, which aborts the request in the engine.
+        """
+        call = self.call
+        async with contextlib.aclosing(outputs):
+            if call.chat:
+                yield self._chunk([self.fmt.role_delta(i) for i in range(call.req.params.n)])
+            async for out in outputs:
+                self.last = out
+                raise_if_error(out)
+                choices = [d for c in out.outputs if (d := self.fmt.delta_choice(c)) is not None]
+                if choices:
+                    yield self._chunk(choices)
+        if call.req.include_usage and self.last is not None:
+            yield call.envelope(call.chunk_object, [], self.usage())
+
+    def usage(self) -> dict:
+        return usage(self.call, self.last.outputs if self.last is not None else [])
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The first choice's finish reason once the stream has ended (each choice's is in its last chunk)."""
+        if self.last is None or not self.last.finished:
+            return None
+        return min(self.last.outputs, key=lambda c: c.index).finish_reason
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        return self.call.envelope(self.call.chunk_object, choices, with_usage=self.call.req.include_usage)
+
+
+class Formatter:
+    """OpenAI choice objects for one call; remembers what each streamed choice has already sent."""
+
+    def __init__(self, tokenizer, call: Call):
+        self.tokenizer = tokenizer
+        self.call = call
+        self.sent_logprobs: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def role_delta(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def full_choice(self, c: CompletionOutput) -> dict:
+        logprobs = self._logprobs(c, 0, len(c.token_ids), 0)
+        if self.call.chat:
+            return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def delta_choice(self, c: CompletionOutput) -> dict | None:
+        if c.index in self.finished:
+            return None
+        start = self.sent_logprobs.get(c.index, 0)
+        end = len(c.logprobs) if c.logprobs is not None else 0
+        if not c.delta_text and not c.finished and end == start:
+            return None
+        self.sent_logprobs[c.index] = end
+        if c.finished:
+            self.finished.add(c.index)
+        logprobs = self._logprobs(c, start, end, len(c.text) - len(c.delta_text))
+        if self.call.chat:
+            delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
+            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"index": c.index, "text": c.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _logprobs(self, c: CompletionOutput, start: int, end: int, text_offset: int) -> dict | None:
+        if c.logprobs is None:
+            return None
+        entries = c.logprobs[start:end]
+        if self.call.chat:
+            return {"content": [{**self._token(e.token_id, e.logprob),
+                                 "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
+        tokens = [self._text(e.token_id) for e in entries]
+        offsets, pos = [], text_offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        text = self._text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def usage(call: Call, outputs: list[CompletionOutput]) -> dict:
+    prompt, completion = len(call.prompt_token_ids), sum(len(c.token_ids) for c in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def raise_if_error(out: RequestOutput) -> None:
+    if out.error or any(c.finish_reason == "error" for c in out.outputs):
+        raise APIError(500, f"generation failed: {out.error or 'unknown engine error'}", type="server_error")
+
+
+def aborted(out: RequestOutput) -> bool:
+    """The engine stopped under the request (server shutdown): only the engine's own stop shows a consumer this."""
+    return any(c.finish_reason == "abort" for c in out.outputs)
+
+
+def shutdown_error(message: str = "the server is shutting down") -> APIError:
+    return APIError(503, message, code="server_shutdown")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
