@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.proposers import NgramProposer, Proposer
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
@@ -48,7 +49,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, 1), self.eos_token_ids)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, make_proposer(config),
+                                  config.speculative_max_batch)
         self.outputs = OutputProcessor(self.tokenizer)
 
     def _num_blocks(self) -> int:
@@ -124,7 +126,7 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             log.exception("step failed")
             return self._fail([s.request_id for s in sched.scheduled], f"{type(exc).__name__}: {exc}")
-        updates = self.scheduler.update(sched, result.sampled, result.logprobs)
+        updates = self.scheduler.update(sched, result.sampled, result.logprobs, result.drafts)
         processed = self.outputs.process(updates)
         for child_id, stop in processed.stopped.items():
             self.scheduler.finish(child_id, RequestStatus.FINISHED_STOPPED, stop)
@@ -137,6 +139,14 @@ class LLMEngine:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+
+def make_proposer(config: EngineConfig) -> Proposer | None:
+    if config.speculative == "none":
+        return None
+    if config.speculative == "ngram":
+        return NgramProposer(config.num_speculative_tokens)
+    raise ValueError(f"unknown speculative method {config.speculative!r}: expected none or ngram")
 
 
 def _available_memory(device: str) -> int:

@@ -1,11 +1,13 @@
 """Model runner: SchedulerOutput in, sampled tokens out. It owns the KV cache and never sees a Request."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from decoding.sampler import Sampler, SamplingMetadata, make_generator
+from decoding.proposers import Proposer, ProposalRequest
+from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
+from decoding.speculative import DraftBatch, verify
 from engine.config import ModelConfig
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
@@ -18,6 +20,7 @@ from kernels import AttentionMetadata
 class ModelRunnerOutput:
     sampled: dict[str, list[int]]  # request id -> new token ids
     logprobs: dict[str, list[TokenLogprob]]
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens to verify next step
 
 
 @dataclass
@@ -27,8 +30,8 @@ class BatchInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [N] rows whose hidden state is sampled
-    sample_rows: list[ScheduledRequest]  # the N requests that sample, in row order
+    logits_indices: torch.Tensor  # [N] rows whose hidden state is sampled (a verifying request has k + 1)
+    sample_rows: list[ScheduledRequest]  # the requests that sample, in row order
 
 
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -36,7 +39,8 @@ def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dty
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 proposer: Proposer | None = None, speculative_max_batch: int = 4):
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -51,11 +55,14 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)]
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
+        self.proposer, self.speculative_max_batch = proposer, speculative_max_batch
+        self.draft_probs: dict[str, torch.Tensor] = {}  # q of drafts proposed last step, until verified
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
+            self.draft_probs.pop(request_id, None)
         if not out.scheduled:
             return ModelRunnerOutput({}, {})
         batch = self.prepare(out.scheduled)
@@ -63,8 +70,13 @@ class ModelRunner:
         if not batch.sample_rows:
             return ModelRunnerOutput({}, {})
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, V]
-        logits = self._apply_logits_processors(logits, batch.sample_rows)
-        return self._sample(logits, batch.sample_rows)
+        rows = batch.sample_rows
+        if any(s.num_draft_tokens for s in rows):
+            result = self._verify(logits, rows)
+        else:
+            result = self._sample(self._apply_logits_processors(logits, rows), rows)
+        result.drafts = self._propose(rows, result.sampled)
+        return result
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         bs = self.block_size
@@ -84,25 +96,24 @@ class ModelRunner:
             rows = torch.repeat_interleave(torch.arange(len(scheduled)), torch.tensor(q_lens))
         slot_mapping = block_tables[rows, positions // bs] * bs + positions % bs  # [T]
         sample_rows = [s for s in scheduled if s.sample]
-        logits_indices = torch.tensor([starts[i + 1] - 1 for i, s in enumerate(scheduled) if s.sample])
+        logits_indices = torch.tensor([row for i, s in enumerate(scheduled) if s.sample
+                                       for row in range(starts[i + 1] - 1 - s.num_draft_tokens, starts[i + 1])])
         dev = self.device
         attn = AttentionMetadata(slot_mapping=slot_mapping.to(dev), block_tables=block_tables.to(dev),
                                  seq_lens=torch.tensor(seq_lens, device=dev), query_start_loc=starts,
                                  seq_lens_list=seq_lens, block_size=bs)
         return BatchInputs(input_ids.to(dev), positions.to(dev), attn, logits_indices.to(dev), sample_rows)
 
-    def _apply_logits_processors(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
-        # Per-request hooks (e.g. grammar masks): fn(output_token_ids, logits_row [V]) -> logits_row
+    def _apply_logits_processors(self, logits: torch.Tensor, rows: list[ScheduledRequest],
+                                 outputs: list[list[int]] | None = None) -> torch.Tensor:
+        # Per-request hooks: fn(output_token_ids, logits_row [V]) -> logits_row
         for i, s in enumerate(rows):
             for fn in s.sampling_params.logits_processors:
-                logits[i] = fn(s.output_token_ids, logits[i])
+                logits[i] = fn(s.output_token_ids if outputs is None else outputs[i], logits[i])
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> ModelRunnerOutput:
-        generators = [self._generator(s) for s in rows]
-        meta = SamplingMetadata.from_params(
-            [s.sampling_params for s in rows], [s.prompt_token_ids for s in rows],
-            [s.output_token_ids for s in rows], generators, [s.banned_token_ids for s in rows], device=self.device)
+        meta = self._metadata(rows, [s.output_token_ids for s in rows], [s.banned_token_ids for s in rows])
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()
         sampled = {s.request_id: [t] for s, t in zip(rows, token_ids)}
@@ -114,6 +125,64 @@ class ModelRunner:
                 if k is not None:
                     logprobs[s.request_id] = [TokenLogprob(ids[i][0], values[i][0], list(zip(ids[i][1:1 + k], values[i][1:1 + k])))]
         return ModelRunnerOutput(sampled, logprobs)
+
+    def _verify(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> ModelRunnerOutput:
+        """Requests with drafts have k + 1 logits rows: the target's distribution at each draft position."""
+        # Row i of a request sees its drafts before i as output (penalties, min_tokens), as plain decoding would.
+        expanded = [(s, i) for s in rows for i in range(s.num_draft_tokens + 1)]
+        outputs = [s.output_token_ids + s.draft_token_ids[:i] for s, i in expanded]
+        banned = [s.banned_token_ids if len(s.output_token_ids) + i < s.sampling_params.min_tokens else []
+                  for s, i in expanded]
+        meta = self._metadata([s for s, _ in expanded], outputs, banned)
+        logits = self._apply_logits_processors(logits, [s for s, _ in expanded], outputs)
+        probs = logits_to_probs(logits, meta)  # [N, V]
+        drafts = DraftBatch([s.draft_token_ids for s in rows], [self._draft_probs(s) for s in rows])
+        emitted = verify(probs, drafts, [self._generator(s) for s in rows])
+        sampled = {s.request_id: tokens for s, tokens in zip(rows, emitted)}
+        return ModelRunnerOutput(sampled, self._verified_logprobs(logits, rows, drafts.starts, emitted))
+
+    def _verified_logprobs(self, logits: torch.Tensor, rows: list[ScheduledRequest], starts: list[int],
+                           emitted: list[list[int]]) -> dict[str, list[TokenLogprob]]:
+        want = [(r, s) for r, s in enumerate(rows) if s.sampling_params.logprobs is not None]
+        if not want:
+            return {}
+        index = [starts[r] + j for r, _ in want for j in range(len(emitted[r]))]
+        tokens = torch.tensor([t for r, _ in want for t in emitted[r]])
+        k = max(s.sampling_params.logprobs for _, s in want)
+        raw = logits[index].to(torch.float32).log_softmax(dim=-1)  # [M, V], the raw distribution as in `Sampler`
+        values, ids = (x.tolist() for x in gather_logprobs(raw, tokens.to(raw.device), k))
+        out, m = {}, 0
+        for r, s in want:
+            n, kr = len(emitted[r]), s.sampling_params.logprobs
+            out[s.request_id] = [TokenLogprob(ids[m + j][0], values[m + j][0],
+                                              list(zip(ids[m + j][1:1 + kr], values[m + j][1:1 + kr])))
+                                 for j in range(n)]
+            m += n
+        return out
+
+    def _draft_probs(self, s: ScheduledRequest) -> torch.Tensor | None:
+        q = self.draft_probs.pop(s.request_id, None)  # [k, V]; the scheduler may have cut the drafts short
+        return None if q is None else q[:s.num_draft_tokens]
+
+    def _propose(self, rows: list[ScheduledRequest], sampled: dict[str, list[int]]) -> dict[str, list[int]]:
+        # Verifying k drafts costs k more rows per request; once the batch alone fills the matmuls, it stops paying.
+        for s in rows:
+            self.draft_probs.pop(s.request_id, None)  # unverified guesses from an earlier step
+        if self.proposer is None or len(rows) > self.speculative_max_batch:
+            return {}
+        reqs = [ProposalRequest(s.request_id, s.prompt_token_ids + s.output_token_ids + sampled[s.request_id],
+                                self.proposer.num_speculative_tokens) for s in rows if s.request_id in sampled]
+        proposals = self.proposer.propose(reqs)
+        for request_id, p in proposals.items():
+            if p.probs is not None:
+                self.draft_probs[request_id] = p.probs
+        return {request_id: p.token_ids for request_id, p in proposals.items()}
+
+    def _metadata(self, rows: list[ScheduledRequest], outputs: list[list[int]],
+                  banned: list[list[int]]) -> SamplingMetadata:
+        return SamplingMetadata.from_params(
+            [s.sampling_params for s in rows], [s.prompt_token_ids for s in rows], outputs,
+            [self._generator(s) for s in rows], banned, device=self.device)
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
         if s.request_id not in self.generators:

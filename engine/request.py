@@ -38,6 +38,7 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     prefix_leader: str | None = None  # an n > 1 sibling whose prompt blocks this one will share
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified next step
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -26,6 +26,11 @@ class ScheduledRequest:
     prompt_token_ids: list[int]  # read-only views, for penalties
     output_token_ids: list[int]
     banned_token_ids: list[int] = field(default_factory=list)  # stop ids while under min_tokens
+    num_draft_tokens: int = 0  # the last ones of token_ids are drafts to verify (speculative decoding)
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens:]
 
 
 @dataclass
@@ -59,6 +64,19 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     tokens_last_step: int
+    spec_draft_tokens: int = 0  # drafts verified so far
+    spec_accepted_tokens: int = 0
+    spec_accepted_by_position: list[int] = field(default_factory=list)  # accepted at draft position i
+    spec_verify_steps: int = 0  # request-steps that verified at least one draft
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying request-step: accepted drafts plus the one the target adds."""
+        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -80,6 +98,7 @@ class Scheduler:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.tokens_last_step = 0
+        self.spec = _SpecCounters()
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -99,15 +118,16 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if req.status is not RequestStatus.RUNNING or n <= 0:  # preempted earlier in this loop
                 continue
-            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
+            drafts = self._drafts(req, n, budget)
+            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n + len(drafts)):
                 victim = max(self.running, key=Request.sort_key)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             if req.status is RequestStatus.RUNNING:
-                scheduled.append(self._scheduled(req, n))
-                budget -= n
+                scheduled.append(self._scheduled(req, n, drafts))
+                budget -= n + len(drafts)
         # New work only when nothing was preempted, so a request is never re-admitted in the step that evicted it.
         for req in list(self.waiting):
             if budget <= 0 or preempted or len(self.running) >= self.max_num_seqs:
@@ -146,13 +166,21 @@ class Scheduler:
             self.prefix_hits += n_hit
             req.num_cached_tokens = n_hit
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The request's drafts that fit: only when decoding (one pending token), within the token
+        budget, and never past max_tokens (drafts plus the target's own token are all emitted)."""
+        if not req.draft_token_ids or n != req.num_tokens - req.num_computed_tokens or n != 1:
+            return []
+        room = req.max_output_tokens - len(req.output_token_ids) - 1
+        return req.draft_token_ids[:max(0, min(room, budget - n))]
+
+    def _scheduled(self, req: Request, n: int, drafts: list[int] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
         params = req.sampling_params
         under_min = len(req.output_token_ids) < params.min_tokens
         return ScheduledRequest(
             request_id=req.request_id,
-            token_ids=req.token_slice(start, start + n),
+            token_ids=req.token_slice(start, start + n) + list(drafts),
             start_pos=start,
             block_ids=self.blocks.tables[req.request_id],
             sample=start + n == req.num_tokens,
@@ -160,6 +188,7 @@ class Scheduler:
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
             banned_token_ids=sorted(self._stop_ids(params)) if under_min else [],
+            num_draft_tokens=len(drafts),
         )
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -171,21 +200,29 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req.request_id)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=Request.sort_key)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int]],
-               logprobs: dict[str, list] | None = None) -> list[RequestUpdate]:
-        """Advance computed counts, append sampled tokens, check stops, free finished requests."""
+               logprobs: dict[str, list] | None = None,
+               drafts: dict[str, list[int]] | None = None) -> list[RequestUpdate]:
+        """Advance computed counts, append sampled tokens, check stops, free finished requests.
+
+        `drafts` are the proposer's guesses for each request's next tokens, verified next step."""
         updates = []
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
             if req is None or req.status.finished:  # aborted while the step ran
                 continue
-            req.num_computed_tokens += len(s.token_ids)
-            new_ids = self._append(req, sampled.get(s.request_id, []))
+            new_tokens = sampled.get(s.request_id, [])
+            req.num_computed_tokens += len(s.token_ids) - s.num_draft_tokens
+            new_ids = self._append(req, new_tokens)
+            if s.num_draft_tokens:
+                self._settle_drafts(req, s.num_draft_tokens, len(new_tokens) - 1)
+            req.draft_token_ids = (drafts or {}).get(s.request_id, [])
             if self.blocks.enable_prefix_caching:
                 self.blocks.cache_blocks(req.request_id, req.num_computed_tokens, req.token_slice)
             if new_ids or req.status.finished:
@@ -195,6 +232,13 @@ class Scheduler:
                 if req.status.finished:
                     self._release(req)
         return updates
+
+    def _settle_drafts(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        # Accepted drafts' KV was written by this step and is valid; rejected ones' slots go back.
+        self.spec.record(num_drafts, num_accepted)
+        req.num_computed_tokens += num_accepted
+        if not req.status.finished:
+            self.blocks.trim(req.request_id, req.num_computed_tokens)
 
     def _append(self, req: Request, token_ids: list[int]) -> list[int]:
         params = req.sampling_params
@@ -230,6 +274,25 @@ class Scheduler:
         self._finished_ids.add(req.request_id)
 
     def stats(self) -> SchedulerStats:
+        spec = self.spec
         return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions,
                               self.blocks.num_used_blocks, self.blocks.num_free_blocks,
-                              self.prefix_queries, self.prefix_hits, self.tokens_last_step)
+                              self.prefix_queries, self.prefix_hits, self.tokens_last_step,
+                              spec.drafts, spec.accepted, list(spec.accepted_by_position), spec.steps)
+
+
+@dataclass
+class _SpecCounters:
+    drafts: int = 0
+    accepted: int = 0
+    steps: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.drafts += num_drafts
+        self.accepted += num_accepted
+        self.steps += 1
+        if len(self.accepted_by_position) < num_drafts:
+            self.accepted_by_position.extend([0] * (num_drafts - len(self.accepted_by_position)))
+        for i in range(num_accepted):
+            self.accepted_by_position[i] += 1
