@@ -68,3 +68,37 @@ class NgramProposer:
                     return history[start:start + k]
                 end = at + len(needle) - 1
         return []
+
+
+@dataclass
+class FeatureBatch:
+    """What a proposer reading the target's hidden states (EAGLE) gets from one step, flattened by request.
+
+    Request r's rows starts[r]:starts[r+1] are the positions this step made valid (prompt chunk, decoded
+    token, accepted drafts), in order, ending at position seq_lens[r] - 1. next_token_ids holds, for each
+    row, the token at the following position (known now: a prompt token, an accepted draft, or the token
+    sampled this step). Only requests with propose[r] want drafts; the others just extend the draft's KV.
+    """
+
+    request_ids: list[str]
+    hidden: torch.Tensor  # [T, hidden] the target's final (normed) hidden states at those positions
+    next_token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    starts: list[int]  # R + 1 offsets into the rows
+    seq_lens: list[int]  # [R] valid positions after this step
+    block_tables: torch.Tensor  # [R, max_blocks] int64: the request's KV blocks (the draft's cache uses the same)
+    block_size: int
+    propose: list[bool]  # [R]
+    temperatures: list[float]  # [R] 0 = greedy: draft argmax and return no q; else sample d ~ q and return q
+    max_drafts: list[int]  # [R]
+
+
+class FeatureProposer(Protocol):
+    """A proposer with its own layers and KV cache (EAGLE): runs after the target forward of every step."""
+
+    name: str
+    num_speculative_tokens: int
+
+    def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None: ...
+
+    def propose_from_features(self, batch: FeatureBatch) -> dict[str, Proposal]: ...

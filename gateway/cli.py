@@ -23,6 +23,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="speculative decoding: draft proposer (ngram = prompt lookup)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per request per step")
+    g.add_argument("--speculative-max-batch", type=int, default=4,
+                   help="no drafting when more requests than this decode in one step")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -30,7 +35,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        enable_prefix_caching=not args.no_prefix_caching)
+                        enable_prefix_caching=not args.no_prefix_caching,
+                        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                        speculative_max_batch=args.speculative_max_batch)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
