@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -93,6 +93,7 @@ class FeatureBatch:
     max_drafts: list[int]  # [R]
 
 
+@runtime_checkable
 class FeatureProposer(Protocol):
     """A proposer with its own layers and KV cache (EAGLE): runs after the target forward of every step."""
 

@@ -87,6 +87,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None = the model's own limit
     enable_prefix_caching: bool = True
-    speculative: str = "none"  # draft proposer: "none", "ngram" (prompt lookup)
+    speculative: str = "none"  # draft proposer: "none", "ngram" (prompt lookup), "eagle" (draft head)
+    speculative_model: str | None = None  # the EAGLE head's safetensors; None = the one shipped for smollm2
     num_speculative_tokens: int = 4  # drafts per request per step
     speculative_max_batch: int = 4  # no drafting when more requests than this sample in a step

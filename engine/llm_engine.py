@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.proposers import NgramProposer, Proposer
+from decoding.proposers import FeatureProposer, NgramProposer, Proposer
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
@@ -47,9 +47,11 @@ class LLMEngine:
         log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
                  config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        proposer = make_proposer(config, self.loaded.model)
+        lookahead = proposer.num_speculative_tokens if isinstance(proposer, FeatureProposer) else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   max(config.max_num_batched_tokens, 1), self.eos_token_ids)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, make_proposer(config),
+                                   max(config.max_num_batched_tokens, 1), self.eos_token_ids, lookahead)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, proposer,
                                   config.speculative_max_batch)
         self.outputs = OutputProcessor(self.tokenizer)
 
@@ -141,12 +143,17 @@ class LLMEngine:
         return self.scheduler.stats()
 
 
-def make_proposer(config: EngineConfig) -> Proposer | None:
+def make_proposer(config: EngineConfig, target: torch.nn.Module) -> Proposer | FeatureProposer | None:
     if config.speculative == "none":
         return None
     if config.speculative == "ngram":
         return NgramProposer(config.num_speculative_tokens)
-    raise ValueError(f"unknown speculative method {config.speculative!r}: expected none or ngram")
+    if config.speculative == "eagle":
+        from decoding.eagle import DEFAULT_HEAD, EagleProposer, load_eagle
+
+        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target)
+        return EagleProposer(head, config.num_speculative_tokens)
+    raise ValueError(f"unknown speculative method {config.speculative!r}: expected none, ngram or eagle")
 
 
 def _available_memory(device: str) -> int:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.proposers import Proposer, ProposalRequest
+from decoding.proposers import FeatureBatch, FeatureProposer, ProposalRequest, Proposer
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
 from decoding.speculative import DraftBatch, verify
 from engine.config import ModelConfig
@@ -57,6 +57,8 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch
         self.draft_probs: dict[str, torch.Tensor] = {}  # q of drafts proposed last step, until verified
+        if isinstance(proposer, FeatureProposer):
+            proposer.allocate_cache(num_blocks, block_size, self.device, self.dtype)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -75,7 +77,10 @@ class ModelRunner:
             result = self._verify(logits, rows)
         else:
             result = self._sample(self._apply_logits_processors(logits, rows), rows)
-        result.drafts = self._propose(rows, result.sampled)
+        if isinstance(self.proposer, FeatureProposer):
+            result.drafts = self._propose_from_features(out.scheduled, batch, hidden, result.sampled)
+        else:
+            result.drafts = self._propose(rows, result.sampled)
         return result
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
@@ -173,6 +178,42 @@ class ModelRunner:
         reqs = [ProposalRequest(s.request_id, s.prompt_token_ids + s.output_token_ids + sampled[s.request_id],
                                 self.proposer.num_speculative_tokens) for s in rows if s.request_id in sampled]
         proposals = self.proposer.propose(reqs)
+        for request_id, p in proposals.items():
+            if p.probs is not None:
+                self.draft_probs[request_id] = p.probs
+        return {request_id: p.token_ids for request_id, p in proposals.items()}
+
+    def _propose_from_features(self, scheduled: list[ScheduledRequest], batch: BatchInputs, hidden: torch.Tensor,
+                               sampled: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Hand the draft head every position this step made valid, with the token that follows each."""
+        rows, next_ids, seq_lens, starts = [], [], [], [0]
+        q_start = batch.attn.query_start_loc
+        for i, s in enumerate(scheduled):
+            n_real = len(s.token_ids) - s.num_draft_tokens
+            if s.request_id in sampled:
+                known = s.token_ids[:n_real] + sampled[s.request_id]  # accepted drafts, then the new token
+            else:  # a prompt chunk: the next token is the prompt's (or, after preemption, an earlier output's)
+                nxt = s.start_pos + n_real
+                tail = s.prompt_token_ids[nxt:nxt + 1] or s.output_token_ids[nxt - len(s.prompt_token_ids):][:1]
+                known = s.token_ids[:n_real] + tail
+            valid = len(known) - 1
+            rows.extend(range(q_start[i], q_start[i] + valid))
+            next_ids.extend(known[1:])
+            seq_lens.append(s.start_pos + valid)
+            starts.append(starts[-1] + valid)
+        small = len(sampled) <= self.speculative_max_batch
+        for request_id in sampled:
+            self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
+        fb = FeatureBatch(
+            request_ids=[s.request_id for s in scheduled],
+            hidden=hidden[torch.tensor(rows, device=hidden.device)],
+            next_token_ids=torch.tensor(next_ids, device=self.device),
+            positions=batch.positions[torch.tensor(rows, device=self.device)],
+            starts=starts, seq_lens=seq_lens, block_tables=batch.attn.block_tables, block_size=self.block_size,
+            propose=[small and s.request_id in sampled for s in scheduled],
+            temperatures=[0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in scheduled],
+            max_drafts=[self.proposer.num_speculative_tokens] * len(scheduled))
+        proposals = self.proposer.propose_from_features(fb)
         for request_id, p in proposals.items():
             if p.probs is not None:
                 self.draft_probs[request_id] = p.probs

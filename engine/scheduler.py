@@ -85,11 +85,13 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 stop_token_ids: set[int]):
+                 stop_token_ids: set[int], num_lookahead_tokens: int = 0):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stop_token_ids = stop_token_ids  # the model's EOS ids
+        # slots past the last token that a draft head writes its own KV into while drafting (EAGLE)
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -119,7 +121,7 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING or n <= 0:  # preempted earlier in this loop
                 continue
             drafts = self._drafts(req, n, budget)
-            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n + len(drafts)):
+            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n + self._ahead(req, n, drafts)):
                 victim = max(self.running, key=Request.sort_key)
                 self._preempt(victim)
                 preempted = True
@@ -136,7 +138,8 @@ class Scheduler:
                 continue
             n_computed, cached = self._prefix_hit(req)
             n = min(req.num_tokens - n_computed, budget)
-            if not self.blocks.allocate(req.request_id, n_computed + n, cached):
+            ahead = self.num_lookahead_tokens if n_computed + n == req.num_tokens else 0
+            if not self.blocks.allocate(req.request_id, n_computed + n + ahead, cached):
                 break
             self.waiting.remove(req)
             self._count_prefix(req, n_computed)
@@ -165,6 +168,11 @@ class Scheduler:
             self.prefix_queries += req.num_prompt_tokens
             self.prefix_hits += n_hit
             req.num_cached_tokens = n_hit
+
+    def _ahead(self, req: Request, n: int, drafts: list[int]) -> int:
+        """Slots reserved past the scheduled tokens: the drafts', or the draft head's lookahead."""
+        reaches_end = req.num_computed_tokens + n == req.num_tokens
+        return max(len(drafts), self.num_lookahead_tokens if reaches_end else 0)
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The request's drafts that fit: only when decoding (one pending token), within the token
