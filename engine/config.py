@@ -91,3 +91,5 @@ class EngineConfig:
     speculative_model: str | None = None  # the EAGLE head's safetensors; None = the one shipped for smollm2
     num_speculative_tokens: int = 4  # drafts per request per step
     speculative_max_batch: int = 4  # no drafting when more requests than this sample in a step
+    grammar_backend: str = "llguidance"  # structured output: "llguidance" or "outlines" (outlines-core)
+    grammar_timeout_s: float = 5.0  # a grammar that compiles longer than this is refused

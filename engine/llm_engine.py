@@ -10,6 +10,7 @@ import torch
 
 from decoding.proposers import FeatureProposer, NgramProposer, Proposer
 from engine.block_manager import BlockManager
+from grammar import CompiledGrammar
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -18,6 +19,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerStats
+from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 
 log = logging.getLogger("sluice.engine")
@@ -32,6 +34,7 @@ class PreparedRequest:
     token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    grammar: CompiledGrammar | None = None  # compiled off the step loop, by whoever prepared it
 
 
 class LLMEngine:
@@ -54,6 +57,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, proposer,
                                   config.speculative_max_batch)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                  config.grammar_backend, config.grammar_timeout_s)
 
     def _num_blocks(self) -> int:
         cfg = self.config
@@ -79,7 +84,8 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
-        return PreparedRequest(request_id, text, token_ids, params, priority)
+        grammar = self.structured.compile(params.structured_output) if params.structured_output else None
+        return PreparedRequest(request_id, text, token_ids, params, priority, grammar)
 
     def add_prepared(self, req: PreparedRequest) -> None:
         """Queue a prepared request; only the thread that steps the engine may call it."""
@@ -92,8 +98,9 @@ class LLMEngine:
             child_params = params if params.n == 1 else dataclasses.replace(
                 params, n=1, seed=None if params.seed is None else params.seed + i)
             leader = child_ids[0] if i > 0 else None
+            matcher = req.grammar.matcher() if req.grammar is not None else None
             self.scheduler.add_request(Request(child_id, req.token_ids, child_params, self.max_model_len,
-                                               req.priority, prefix_leader=leader))
+                                               req.priority, prefix_leader=leader, matcher=matcher))
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -124,6 +131,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         try:
+            sched.grammar = self.structured.bitmask(sched, self.scheduler.requests)
             result = self.runner.execute(sched)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             log.exception("step failed")

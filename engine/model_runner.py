@@ -9,6 +9,7 @@ from decoding.proposers import FeatureBatch, FeatureProposer, ProposalRequest, P
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
 from decoding.speculative import DraftBatch, verify
 from engine.config import ModelConfig
+from grammar import apply_bitmask
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
 from engine.platform import tune_cpu_allocator
@@ -72,6 +73,8 @@ class ModelRunner:
         if not batch.sample_rows:
             return ModelRunnerOutput({}, {})
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, V]
+        if out.grammar is not None:
+            apply_bitmask(logits, out.grammar.bitmask, out.grammar.rows)
         rows = batch.sample_rows
         if any(s.num_draft_tokens for s in rows):
             result = self._verify(logits, rows)

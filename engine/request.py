@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from grammar import Matcher
 
 
 class RequestStatus(enum.Enum):
@@ -39,6 +40,7 @@ class Request:
     error: str | None = None
     prefix_leader: str | None = None  # an n > 1 sibling whose prompt blocks this one will share
     draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified next step
+    matcher: Matcher | None = None  # the grammar state of a structured-output request, advanced per token
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from grammar.spec import GrammarSpec
+
 if TYPE_CHECKING:
     import torch
 
@@ -28,7 +30,10 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # fn(output_token_ids, logits [V]) -> logits [V], applied before sampling (grammar masks use it)
+    # JSON schema / regex / choice / Lark grammar the output must follow (grammar.GrammarSpec)
+    structured_output: GrammarSpec | None = None
+    jump_forward: bool = True  # append tokens the grammar forces without a model step each
+    # fn(output_token_ids, logits [V]) -> logits [V], applied before sampling
     logits_processors: list[Callable[[list[int], "torch.Tensor"], "torch.Tensor"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.structured_output import GrammarBitmask
 
 
 @dataclass
@@ -37,6 +41,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     finished_request_ids: set[str]  # the runner drops per-request state (e.g. seeded generators)
+    grammar: GrammarBitmask | None = None  # masks of the constrained sampled rows, set before execute
 
     @property
     def num_tokens(self) -> int:
@@ -256,13 +261,28 @@ class Scheduler:
             req.output_token_ids.append(token)
             appended.append(token)
             n_out = len(req.output_token_ids)
-            if token in stop_ids and n_out > params.min_tokens:
+            if req.matcher is not None and not req.matcher.accept_token(token):
+                req.status, req.error = RequestStatus.FINISHED_ERROR, "the grammar refused a sampled token"
+            elif token in stop_ids and n_out > params.min_tokens:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
             elif n_out >= req.max_output_tokens:
                 req.status = RequestStatus.FINISHED_LENGTH
+            elif req.matcher is not None and req.matcher.is_finished():
+                req.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete: only EOS could follow
             if req.status.finished:
                 break
+        if self._can_jump_forward(req, appended):
+            # Tokens the grammar forces are what sampling would pick with probability 1: append them now,
+            # and the next step computes their KV as one chunk instead of a step per token.
+            appended += self._append(req, req.matcher.forced_tokens())
         return appended
+
+    @staticmethod
+    def _can_jump_forward(req: Request, appended: list[int]) -> bool:
+        params = req.sampling_params
+        # logprobs would need a model row per token, so those requests take every step
+        return (bool(appended) and req.matcher is not None and not req.status.finished and params.jump_forward
+                and params.logprobs is None)
 
     def finish(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
         """End a request from outside the step (abort, stop string, error); its blocks go back now."""

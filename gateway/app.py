@@ -30,6 +30,7 @@ from gateway.formatting import Call, ChunkStream, Formatter, aborted, dumps, rai
 from gateway.metrics import Metrics
 from gateway.protocol import Body, GenerationRequest, parse_chat, parse_completion, parse_json
 from gateway.ws import Session
+from grammar import GrammarError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_IN_FLIGHT = 256  # beyond this a request gets 429 instead of waiting in an unbounded queue
@@ -140,6 +141,8 @@ class Gateway:
         try:
             # Tokenize and check the context length here, so a bad prompt is a 400 before any stream opens.
             prepared = await asyncio.to_thread(self.engine.engine.prepare_request, request_id, req.prompt, req.params)
+        except GrammarError as exc:  # a bad or too complex schema / regex / grammar, or a compile timeout
+            raise bad_request(str(exc), "response_format", "invalid_grammar") from None
         except ValueError as exc:
             raise bad_request(str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
         return Call(request_id, int(time.time()), chat, req, prepared.token_ids)

@@ -13,6 +13,7 @@ from typing import Any
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import render_chat
 from gateway.errors import APIError, bad_request
+from gateway.structured import parse_structured_output
 
 Body = dict[str, Any]
 _MISSING = object()
@@ -79,10 +80,6 @@ def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
 # Recognised fields this server cannot honour yet: refusing them beats silently ignoring them
 # (a client asking for JSON output must not get free text). Values that ask for nothing pass.
 _NOT_YET = {
-    "response_format": lambda v: v in (None, {"type": "text"}),
-    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None, "guided_grammar": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
     "tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []), "best_of": lambda v: v in (None, 1),
     "echo": lambda v: v in (None, False), "suffix": lambda v: v in (None, ""),
@@ -132,6 +129,7 @@ def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int
             stop=stop if isinstance(stop, list) else ([stop] if stop else []),
             ignore_eos=_field(body, "ignore_eos", bool, False),
             logprobs=logprobs,
+            structured_output=parse_structured_output(body),
         )
     except ValueError as exc:
         raise bad_request(str(exc), _param_of(str(exc))) from None

@@ -259,9 +259,8 @@ def test_requests_over_the_concurrency_limit_get_429(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("extra", [
-    {"response_format": {"type": "json_object"}},
-    {"guided_regex": "[0-9]+"},
     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"best_of": 3},
 ])
 def test_recognised_but_unsupported_fields_are_refused_not_ignored(http, extra):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **extra}
