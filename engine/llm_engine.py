@@ -148,7 +148,8 @@ class LLMEngine:
         return [o for o in outs if o is not None]
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        return dataclasses.replace(self.scheduler.stats(), spec_draft_seconds=self.runner.draft_seconds,
+                                   step_seconds=self.runner.step_seconds)
 
 
 def make_proposer(config: EngineConfig, target: torch.nn.Module) -> Proposer | FeatureProposer | None:

@@ -1,6 +1,7 @@
 """Model runner: SchedulerOutput in, sampled tokens out. It owns the KV cache and never sees a Request."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,11 +59,19 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch
         self.draft_probs: dict[str, torch.Tensor] = {}  # q of drafts proposed last step, until verified
+        self.step_seconds = self.draft_seconds = 0.0  # for the drafting share in the stats
         if isinstance(proposer, FeatureProposer):
             proposer.allocate_cache(num_blocks, block_size, self.device, self.dtype)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        start = time.perf_counter()
+        try:
+            return self._execute(out)
+        finally:
+            self.step_seconds += time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in out.finished_request_ids:
             self.generators.pop(request_id, None)
             self.draft_probs.pop(request_id, None)
@@ -80,10 +89,12 @@ class ModelRunner:
             result = self._verify(logits, rows)
         else:
             result = self._sample(self._apply_logits_processors(logits, rows), rows)
+        start = time.perf_counter()
         if isinstance(self.proposer, FeatureProposer):
             result.drafts = self._propose_from_features(out.scheduled, batch, hidden, result.sampled)
         else:
             result.drafts = self._propose(rows, result.sampled)
+        self.draft_seconds += time.perf_counter() - start
         return result
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:

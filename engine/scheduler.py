@@ -73,10 +73,21 @@ class SchedulerStats:
     spec_accepted_tokens: int = 0
     spec_accepted_by_position: list[int] = field(default_factory=list)  # accepted at draft position i
     spec_verify_steps: int = 0  # request-steps that verified at least one draft
+    spec_draft_seconds: float = 0.0  # time the runner spent proposing drafts (filled in by the engine)
+    step_seconds: float = 0.0  # time the runner spent executing steps (filled in by the engine)
 
     @property
     def spec_acceptance_rate(self) -> float:
         return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_draft_time_share(self) -> float:
+        return self.spec_draft_seconds / self.step_seconds if self.step_seconds else 0.0
+
+    @property
+    def spec_acceptance_by_position(self) -> list[float]:
+        """Share of verifying request-steps whose draft i was accepted."""
+        return [a / self.spec_verify_steps for a in self.spec_accepted_by_position] if self.spec_verify_steps else []
 
     @property
     def spec_mean_accepted_length(self) -> float:

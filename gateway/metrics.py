@@ -37,6 +37,23 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("sluice_preemptions", "Requests preempted (recomputed later)",
                                   value=s.num_preempted_total)
+        yield from _speculative(s)
+
+
+def _speculative(s):
+    yield CounterMetricFamily("sluice_spec_draft_tokens", "Draft tokens verified", value=s.spec_draft_tokens)
+    yield CounterMetricFamily("sluice_spec_accepted_tokens", "Draft tokens accepted", value=s.spec_accepted_tokens)
+    yield GaugeMetricFamily("sluice_spec_mean_accepted_length",
+                            "Tokens emitted per verifying request-step (accepted drafts + 1)",
+                            value=s.spec_mean_accepted_length)
+    yield GaugeMetricFamily("sluice_spec_draft_time_share", "Share of step time spent proposing drafts",
+                            value=s.spec_draft_time_share)
+    by_pos = GaugeMetricFamily("sluice_spec_acceptance_rate_by_position",
+                               "Share of verifying request-steps whose draft at this position was accepted",
+                               labels=["position"])
+    for i, rate in enumerate(s.spec_acceptance_by_position):
+        by_pos.add_metric([str(i)], rate)
+    yield by_pos
 
 
 class Metrics:

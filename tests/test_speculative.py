@@ -89,6 +89,9 @@ def test_greedy_output_is_identical_with_ngram_drafts(llms, params):
                 assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
     stats = spec.engine.stats()
     assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens > 0  # drafts were really verified
+    rates = stats.spec_acceptance_by_position
+    assert 0 < rates[0] <= 1 and rates == sorted(rates, reverse=True)  # draft i needs drafts before it accepted
+    assert 1 < stats.spec_mean_accepted_length <= 4 and 0 < stats.spec_draft_time_share < 1
     assert stats.kv_blocks_used == 0  # rejected drafts' slots and finished requests' blocks all went back
 
 
