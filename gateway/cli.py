@@ -23,11 +23,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--speculative", default="none", choices=["none", "ngram"],
-                   help="speculative decoding: draft proposer (ngram = prompt lookup)")
+    g.add_argument("--speculative", default="none", choices=["none", "ngram", "eagle"],
+                   help="speculative decoding: draft proposer (ngram = prompt lookup, eagle = draft head)")
+    g.add_argument("--speculative-model", default=None, help="EAGLE head safetensors (default: the shipped one)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per request per step")
     g.add_argument("--speculative-max-batch", type=int, default=4,
                    help="no drafting when more requests than this decode in one step")
+    g.add_argument("--grammar-backend", default="llguidance", choices=["llguidance", "outlines"],
+                   help="structured output backend")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -37,7 +40,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching,
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                        speculative_max_batch=args.speculative_max_batch)
+                        speculative_max_batch=args.speculative_max_batch,
+                        speculative_model=args.speculative_model, grammar_backend=args.grammar_backend)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -137,6 +141,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_eagle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from decoding.eagle_train import TrainConfig, train_eagle
+
+    cfg = TrainConfig(model=args.model, out=Path(args.out), device=args.device, num_prompts=args.prompts,
+                      heldout_prompts=args.heldout, samples_per_prompt=args.samples_per_prompt,
+                      max_tokens=args.max_tokens, epochs=args.epochs, draft_vocab_size=args.draft_vocab,
+                      num_speculative_tokens=args.num_speculative_tokens, depth=args.depth, lr=args.lr,
+                      batch_tokens=args.batch_tokens, max_num_seqs=args.max_num_seqs,
+                      generate_seconds=args.generate_seconds, seed=args.seed)
+    result = train_eagle(cfg)
+    acc = result.acceptance
+    print(f"saved {result.path}")
+    print(f"held-out greedy chain drafting, k={cfg.num_speculative_tokens}: mean accepted length "
+          f"{acc.mean_accepted_length:.3f} over {acc.steps} steps; per-draft acceptance "
+          + ", ".join(f"{r:.2f}" for r in acc.rates))
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()))
+    return 0
+
+
+def add_train_eagle_parser(sub) -> None:
+    p = sub.add_parser("train-eagle", help="train an EAGLE draft head for speculative decoding")
+    p.add_argument("--model", default="smollm2", help="HF folder, .gguf file, or 'smollm2' (default)")
+    p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--prompts", type=int, default=300, help="training prompts (of decoding/eagle_prompts.py)")
+    p.add_argument("--heldout", type=int, default=40, help="held-out prompts, answered greedily and scored")
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=200, help="answer length")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent tokens")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="k of the held-out acceptance report")
+    p.add_argument("--depth", type=int, default=3, help="drafting steps unrolled in training")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="answers generated at once")
+    p.add_argument("--generate-seconds", type=float, default=None, help="start no training answers after this")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_eagle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice: serve and run LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+    add_train_eagle_parser(sub)
     return parser
 
 
