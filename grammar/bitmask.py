@@ -5,6 +5,8 @@ the rows into -inf on the logits wherever they live, vectorised, in place.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from grammar.vocab import bitmask_width
@@ -35,9 +37,9 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
     """logits[r, t] = -inf where bit t of bitmask[r] is 0, in place, for r in `rows` (None = every row).
 
-    logits: [B, V] on any device; bitmask: [>= B, W] int32 (row r masks logits row r; extra rows of a
-    preallocated mask are ignored), usually the CPU tensor the matchers filled. Rows not listed are
-    not touched. Returns logits.
+    logits: [B, V] on any device and float dtype; bitmask: [>= B, W] int32 (row r masks logits row r;
+    extra rows of a preallocated mask are ignored), usually the CPU tensor the matchers filled. Rows not
+    listed are not touched. Returns logits.
     """
     if rows is not None and not rows:
         return logits
@@ -45,13 +47,34 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] |
     if bitmask.shape[0] < batch:
         raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {batch} rows of logits")
     if rows is None:
-        allowed = unpack_bitmask(bitmask[:batch].to(logits.device, non_blocking=True), vocab_size)  # [B, V]
-        return logits.masked_fill_(~allowed, float("-inf"))
+        caps = _caps(bitmask[:batch].to(logits.device, non_blocking=True), vocab_size, logits.dtype)  # [B, V]
+        return torch.minimum(logits, caps, out=logits)
     picked = bitmask.index_select(0, torch.tensor(rows, dtype=torch.long, device=bitmask.device))  # [R, W]
-    allowed = unpack_bitmask(picked.to(logits.device, non_blocking=True), vocab_size)  # [R, V]
+    caps = _caps(picked.to(logits.device, non_blocking=True), vocab_size, logits.dtype)  # [R, V]
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)  # [R]
-    masked = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))  # [R, V]
-    return logits.index_copy_(0, index, masked)
+    return logits.index_copy_(0, index, torch.minimum(logits.index_select(0, index), caps))
+
+
+# Byte b of the mask -> 8 caps: +inf for a set bit (min leaves the logit), -inf for a clear one. A table
+# lookup per byte and one `minimum` is ~10x faster on the CPU than unpacking bits and masked_fill
+# (B=8, V=49152: 0.26 ms vs 2.6 ms). Bytes are read little-endian: byte k of word w holds tokens
+# 32w + 8k ... 32w + 8k + 7, so the looked-up rows line up with token ids.
+assert sys.byteorder == "little", "bitmask byte order assumes a little-endian machine"
+_CAP_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _caps(bitmask: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """bitmask [R, W] int32 -> caps [R, vocab_size]: +inf where allowed, -inf where not (and past 32 * W)."""
+    key = (bitmask.device, dtype)
+    table = _CAP_TABLES.get(key)
+    if table is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
+        table = _CAP_TABLES.setdefault(key, torch.where(bits.bool(), float("inf"), float("-inf")).to(bitmask.device, dtype))
+    n_rows, width = bitmask.shape
+    caps = table.index_select(0, bitmask.contiguous().view(torch.uint8).view(-1).long()).view(n_rows, width * 32)
+    if width * 32 >= vocab_size:
+        return caps[:, :vocab_size]
+    return torch.cat([caps, caps.new_full((n_rows, vocab_size - width * 32), float("-inf"))], dim=1)
 
 
 def allowed_token_ids(row: torch.Tensor, vocab_size: int) -> list[int]:
