@@ -9,7 +9,8 @@ Per backend, measured in the same run:
   cached        compile() of a cached spec, p50 / p99 (us)
   mask+accept   fill_bitmask + accept_token per token of one request, p50 / p99 over every step of
                 random walks through the suite (us); walks are replayed on a fresh matcher for timing
-Engine decode speed with and without a grammar is `decode_speed` below (to do).
+  decode         engine tokens/s at batch 1 and 16: unconstrained, constrained, constrained + jump-forward
+                 (same prompts and per-request token counts; default backend, default weights)
 """
 from __future__ import annotations
 
@@ -91,11 +92,35 @@ def bench_backend(name: str, tokenizer, vocab_size: int, suite: dict[str, dict],
     }
 
 
-def decode_speed(llm, compiler: GrammarCompiler, suite: dict[str, dict], max_tokens: int = 128) -> dict:
-    """TODO (engine wiring): decode tokens/s of the engine with and without a grammar, same prompts and
-    batch, e.g. 8 requests each constrained by a suite schema vs the same 8 unconstrained; report both
-    and the ratio. Needs the engine-side integration (SamplingParams / sampler), not part of grammar/."""
-    raise NotImplementedError("decode_speed needs the engine integration")
+def decode_speed(llm, suite: dict[str, dict], batch: int, max_tokens: int = 128) -> dict:
+    """Engine decode tokens/s with and without grammars on the same prompts, batch and token counts.
+
+    The constrained run (one suite schema per request, greedy) fixes each request's output length; the
+    unconstrained run then generates exactly as many tokens per request (ignore_eos), so both runs do the
+    same work and the ratio is the grammar's cost (or, with jump-forward, its gain)."""
+    from engine import SamplingParams
+
+    tok = llm.get_tokenizer()
+    names = (sorted(suite) * batch)[:batch]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Give an example of a {n.replace('_', ' ')} "
+                                         "as JSON."}], tokenize=False, add_generation_prompt=True) for n in names]
+
+    def timed(params: list) -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        return sum(lengths) / (time.perf_counter() - start), lengths
+
+    result = {}
+    for jump in (False, True):
+        params = [SamplingParams(temperature=0, max_tokens=max_tokens, jump_forward=jump,
+                                 structured_output=GrammarSpec.json_schema(suite[n])) for n in names]
+        timed(params[:1])  # compile and warm up off the clock
+        result["jump" if jump else "plain"], lengths = timed(params)
+        if not jump:
+            free = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+            result["free"], _ = timed(free)
+    return result
 
 
 def main() -> None:
@@ -103,6 +128,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="tokenizer source: 'smollm2' or a HF folder")
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--walks", type=int, default=3, help="random walks per schema")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="engine decode batches (none: skip)")
+    ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
 
     from engine.default_model import resolve_model
@@ -121,6 +148,18 @@ def main() -> None:
     print_table(f"structured output, {len(suite)} JSON schemas, vocab {vocab_size}, {args.walks} walks each",
                 ["backend", "coverage", "valid", "cold compile ms p50/p99", "cached us p50/p99",
                  "mask+accept us p50/p99", "mean us", "tokens", "setup s"], rows)
+    if args.batches:
+        from engine import LLM
+
+        llm = LLM(args.model, kv_cache_memory=512 << 20, enable_prefix_caching=False)
+        speed = []
+        for batch in args.batches:
+            r = decode_speed(llm, suite, batch, args.max_tokens)
+            speed.append([batch, r["free"], r["plain"], r["plain"] / r["free"], r["jump"], r["jump"] / r["free"]])
+        print_table(f"engine decode with {llm.engine.config.grammar_backend} grammars, greedy, "
+                    f"linears {llm.engine.loaded.quantization}",
+                    ["batch", "unconstrained tok/s", "constrained tok/s", "ratio", "+ jump-forward tok/s", "ratio"],
+                    speed)
 
 
 if __name__ == "__main__":

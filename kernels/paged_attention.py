@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -42,6 +44,20 @@ class AttentionMetadata:
         return max(b - a for a, b in zip(starts, starts[1:]))
 
     @functools.cached_property
+    def single_row_requests(self) -> list[int]:
+        """Requests with one new row this step (decoding), in a batch that also holds prompt chunks."""
+        starts = self.query_start_loc
+        return [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
+
+    @functools.cached_property
+    def single_row_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(request index, row index) tensors of single_row_requests, built once per step for every layer."""
+        dev = self.seq_lens.device
+        index = self.single_row_requests
+        rows = [self.query_start_loc[i] for i in index]
+        return torch.tensor(index, device=dev), torch.tensor(rows, device=dev)
+
+    @functools.cached_property
     def decode_blocks_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Block ids covering the longest context, and the padding mask [B, 1, 1, S] (None if no padding).
 
@@ -67,13 +83,24 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the new rows over each request's cached context. q: [T, H, D] -> [T, H, D]."""
+    fast = cpu_attention.supports(q, k_cache)  # reads the blocks in place instead of gathering them
     if meta.is_decode_only:
+        if fast:
+            return cpu_attention.cpu_paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
+    singles = meta.single_row_requests if fast else []
+    if singles:  # the decoding requests of a mixed batch: one kernel call for all of them
+        index, rows = meta.single_row_index
+        out[rows] = cpu_attention.cpu_paged_decode(q[rows], k_cache, v_cache, meta.block_tables[index],
+                                                   meta.seq_lens[index], scale)
+    done = set(singles)
     for i, seq_len in enumerate(meta.seq_lens_list):
-        rows = slice(starts[i], starts[i + 1])
-        out[rows] = _prefill_one(q[rows], k_cache, v_cache, meta.block_tables[i], seq_len, meta.block_size, scale)
+        if i not in done:
+            rows = slice(starts[i], starts[i + 1])
+            out[rows] = _prefill_one(q[rows], k_cache, v_cache, meta.block_tables[i], seq_len, meta.block_size,
+                                     scale)
     return out
 
 

@@ -1,0 +1,145 @@
+"""Paged decode attention on CPU, as a small C kernel compiled on first use.
+
+Torch has no paged attention on CPU: the torch path gathers every request's blocks into a padded
+copy, then runs SDPA over it, so each layer moves the whole batch's KV twice and pads every request to
+the longest. This kernel reads keys and values straight from the block table, once, in place; it is
+what llama.cpp and vLLM's CPU backend do in C++. It is built with the system C compiler into
+$SLUICE_HOME/kernels (about a second, once) and called through ctypes, which releases the GIL for the
+call; without a compiler, or with SLUICE_CPU_KERNELS=0, the torch path runs instead.
+
+Threads: the kernel uses OpenMP from the libgomp torch has already loaded (same soname), so it shares
+torch's thread pool instead of starting a second one.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sluice.kernels")
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One new query row per request, over its seq_len cached positions.
+   q: [B, H, D] (row strides qs0, qs1; unit stride in D); k, v: [NB, BS, KVH, D] contiguous;
+   tables: [B, MB] int64; lens: [B] int64; out: [B, H, D] contiguous.
+   Work item = (request, kv head): its G = H / KVH query heads share every K and V row read. */
+void paged_decode_f32(const float *q, int64_t qs0, int64_t qs1, const float *k, const float *v,
+                      const int64_t *tables, int64_t mb, const int64_t *lens, float *out,
+                      int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int threads) {
+    const int64_t G = H / KVH;
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * KVH; ++item) {
+        const int64_t b = item / KVH, kh = item % KVH, S = lens[b];
+        float *sc = (float *)malloc(sizeof(float) * G * (S > 0 ? S : 1));  /* scores [G, S] */
+        const float *qb = q + b * qs0 + kh * G * qs1;
+        float *ob = out + (b * H + kh * G) * D;
+        for (int64_t s = 0; s < S; ++s) {
+            const float *kr = k + ((tables[b * mb + s / BS] * BS + s % BS) * KVH + kh) * D;
+            for (int64_t g = 0; g < G; ++g) {
+                const float *qg = qb + g * qs1;
+                float acc = 0.f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t d = 0; d < D; ++d) acc += qg[d] * kr[d];
+                sc[g * S + s] = acc * scale;
+            }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            float *row = sc + g * S, mx = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < S; ++s) mx = row[s] > mx ? row[s] : mx;
+            #pragma omp simd reduction(+:sum)
+            for (int64_t s = 0; s < S; ++s) { row[s] = expf(row[s] - mx); sum += row[s]; }
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            for (int64_t s = 0; s < S; ++s) row[s] *= inv;
+        }
+        memset(ob, 0, sizeof(float) * G * D);
+        for (int64_t s = 0; s < S; ++s) {
+            const float *vr = v + ((tables[b * mb + s / BS] * BS + s % BS) * KVH + kh) * D;
+            for (int64_t g = 0; g < G; ++g) {
+                const float p = sc[g * S + s];
+                float *o = ob + g * D;
+                #pragma omp simd
+                for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+            }
+        }
+        free(sc);
+    }
+}
+"""
+# no -ffast-math (the softmax relies on -inf); -fno-math-errno lets expf vectorise through libmvec
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built (no compiler, not x86/arm Linux, disabled)."""
+    if os.environ.get("SLUICE_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: CPU decode attention uses the torch path")
+        return None
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + platform.machine()).encode()).hexdigest()[:16]
+    home = Path(os.environ.get("SLUICE_HOME", Path.home() / ".cache" / "sluice"))
+    target = home / "kernels" / f"paged_decode_{digest}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.warning("CPU decode kernel unavailable (%s): using the torch path", exc)
+        return None
+    fn = lib.paged_decode_f32
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                   ctypes.c_int]
+    fn.restype = None
+    return lib
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "paged_decode.c", Path(tmp) / target.name
+        src.write_text(_SOURCE)
+        subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and q.stride(-1) == 1 and k_cache.is_contiguous() and available())
+
+
+def cpu_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, H, D] (one row per request, the last of its seq_lens[i] positions) -> [B, H, D]."""
+    lib = _library()
+    assert lib is not None and supports(q, k_cache) and v_cache.is_contiguous()
+    b, h, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty(b, h, d, dtype=q.dtype)
+    lib.paged_decode_f32(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                         tables.data_ptr(), tables.stride(0), lens.data_ptr(), out.data_ptr(),
+                         b, h, kvh, d, bs, scale, torch.get_num_threads())
+    return out
