@@ -151,7 +151,8 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
                       max_tokens=args.max_tokens, epochs=args.epochs, draft_vocab_size=args.draft_vocab,
                       num_speculative_tokens=args.num_speculative_tokens, depth=args.depth, lr=args.lr,
                       batch_tokens=args.batch_tokens, max_num_seqs=args.max_num_seqs,
-                      generate_seconds=args.generate_seconds, seed=args.seed)
+                      generate_seconds=args.generate_seconds, greedy_fraction=args.greedy_fraction,
+                      noise=args.noise, feature_weight=args.feature_weight, seed=args.seed)
     result = train_eagle(cfg)
     acc = result.acceptance
     print(f"saved {result.path}")
@@ -171,11 +172,15 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--heldout", type=int, default=40, help="held-out prompts, answered greedily and scored")
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=200, help="answer length")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent tokens")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="k of the held-out acceptance report")
     p.add_argument("--depth", type=int, default=3, help="drafting steps unrolled in training")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--noise", type=float, default=0.02, help="input feature noise, relative to the features' RMS")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the SmoothL1 feature loss")
+    p.add_argument("--greedy-fraction", type=float, default=1.0,
+                   help="share of prompts whose first answer is greedy (the rest sampled at 0.7)")
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--max-num-seqs", type=int, default=64, help="answers generated at once")
     p.add_argument("--generate-seconds", type=float, default=None, help="start no training answers after this")

@@ -1,0 +1,335 @@
+"""EAGLE-style draft head (Li et al. 2024): one decoder layer that reads the target's own features.
+
+The row at position p is fc(concat(embed(x_{p+1}), f_p)), where f_p is the target's final normed hidden
+state at p and x_{p+1} the token after p. One `DecoderLayer` (paged attention, its KV in a one-layer cache
+that shares the target's block tables) and an RMSNorm turn it into g_p, a prediction of f_{p+1}; the
+target's LM head on g_p, restricted to a draft vocabulary (the training data's most frequent tokens),
+gives the draft for x_{p+2}. Drafting goes on autoregressively: the row at p+1 is fc(embed(d_1), g_p).
+
+The head borrows the target's embedding, RoPE tables and LM head (never copied into its checkpoint), so
+a checkpoint holds only fc, the layer, the norm and the draft vocabulary: about 4.2M fp16 weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoding.proposers import FeatureBatch, Proposal
+from engine.config import ModelConfig
+from engine.linear import PACKERS, Linear
+from engine.model import DecoderLayer, LlamaForCausalLM, RMSNorm
+from engine.rope import apply_rope
+from kernels import AttentionMetadata
+
+HEADS_DIR = Path(__file__).resolve().parent / "heads"
+DEFAULT_HEAD = HEADS_DIR / "smollm2-eagle.safetensors"  # trained for the default model, SmolLM2-135M-Instruct
+FORMAT = "sluice-eagle"
+_TRAINED = ("fc.", "layer.", "norm.")  # the head's own weights; the rest is the target's
+
+
+@dataclass
+class _Target:
+    """The target model, held outside the module tree so its weights never enter the head's state."""
+
+    model: LlamaForCausalLM
+
+
+class EagleHead(nn.Module):
+    def __init__(self, target: LlamaForCausalLM, draft_vocab: torch.Tensor):
+        super().__init__()
+        cfg: ModelConfig = target.config
+        param = target.embed_tokens.weight
+        self.config = cfg
+        self._target = _Target(target)
+        self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.layer = DecoderLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("draft_vocab", draft_vocab.to(torch.int64).to(param.device))  # [N] target ids
+        # The target's LM head, restricted to the draft vocabulary; fixed, rebuilt from the target on load.
+        self.draft_head = Linear(cfg.hidden_size, len(draft_vocab), bias=False)
+        self.draft_head.weight_t.requires_grad_(False)
+        self.to(device=param.device, dtype=param.dtype)
+        self.reset_parameters()
+        self.layer.self_attn.backend = target.layers[0].self_attn.backend
+
+    @property
+    def target(self) -> LlamaForCausalLM:
+        return self._target.model
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.draft_vocab.numel()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.startswith("draft_head."):
+                continue
+            if name.endswith("weight_t"):
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # norm weights
+                p.fill_(1.0)
+        self.bind_lm_head()
+
+    @torch.no_grad()
+    def bind_lm_head(self) -> None:
+        """Copy the target LM head's draft-vocabulary columns into `draft_head`.
+
+        The head may already be packed into a CPU library format (its plain weight dropped), so it is
+        read back by running it on the identity: I @ W^T = W^T, exactly the weights the target uses.
+        """
+        lm_head = self.target.lm_head
+        h = self.config.hidden_size
+        eye = torch.eye(h, dtype=self.fc.bias.dtype, device=self.draft_vocab.device)
+        weight_t = lm_head(eye).to(eye.dtype)  # [H, V]
+        self.draft_head.weight_t.data = weight_t.index_select(1, self.draft_vocab).contiguous()  # [H, N]
+
+    def embed(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        # ids: [T], features: [T, H] -> fc(concat(embed(ids), features)): [T, H]
+        tokens = self.target.embed_tokens(ids).to(features.dtype)
+        return self.fc(torch.cat([tokens, features], dim=-1))
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T]; features: [T, H] -> g: [T, H], the predicted next features
+        x = self.embed(input_ids, features.to(self.fc.bias.dtype))
+        rope = self.target.rope.lookup(positions, x.dtype)
+        return self.norm(self.layer(x, rope, kv_cache, meta))
+
+    def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
+        # g: [..., H] -> logits over the draft vocabulary: [..., N], fp32
+        return self.draft_head(g).float()
+
+    def forward_train(self, input_ids: torch.Tensor, features: torch.Tensor, depth: int = 1) -> list[torch.Tensor]:
+        """The same head over right-padded batches, with plain causal SDPA and no cache.
+
+        input_ids: [B, S] (row p holds x_{p+1}), features: [B, S, H] (f_p). Returns g for each drafting
+        depth 1..depth, each [B, S, H]. Depth 1 reads the target's features; the depth-d row at p reads
+        the depth-(d-1) output at p-1 instead, and attends as the autoregressive draft step d-1 would:
+        to the depth-1 rows at positions <= p-d+1 and the depth-k row at p-d+k for k = 2..d. With the
+        real tokens as input ids, depth d's argmax at p is the d-th chain draft after position p-d+1
+        (as long as the drafts before it were right), so one call scores chain drafting everywhere.
+        """
+        b, s, h = features.shape
+        positions = torch.arange(s, device=features.device)
+        rope = self.target.rope.lookup(positions.repeat(b), features.dtype)  # [B*S, 1, D/2]
+        keys: list[tuple[torch.Tensor, torch.Tensor]] = []
+        outputs: list[torch.Tensor] = []
+        inputs = features
+        for d in range(1, depth + 1):
+            if d > 1:
+                inputs = F.pad(outputs[-1][:, :-1], (0, 0, 1, 0))  # the previous depth's g, one position later
+            x = self.embed(input_ids.reshape(-1), inputs.reshape(b * s, h))  # [B*S, H]
+            x = x + self._attention_train(self.layer.input_layernorm(x), rope, keys, positions, b)
+            x = x + self.layer.mlp(self.layer.post_attention_layernorm(x))
+            outputs.append(self.norm(x).view(b, s, h))
+        return outputs
+
+    def _attention_train(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                         keys: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, b: int) -> torch.Tensor:
+        # x: [B*S, H]; keys: the (k, v) of earlier depths, each [B, KVH, S, D], appended to
+        attn = self.layer.self_attn
+        s = positions.numel()
+        nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = attn.qkv_proj(x).view(b * s, nh + 2 * nkv, hd)
+        qk = apply_rope(qkv[:, :nh + nkv], *rope)
+        q = qk[:, :nh].view(b, s, nh, hd).transpose(1, 2)  # [B, H, S, D]
+        k = qk[:, nh:].view(b, s, nkv, hd).transpose(1, 2)  # [B, KVH, S, D]
+        v = qkv[:, nh + nkv:].view(b, s, nkv, hd).transpose(1, 2)
+        keys.append((k, v))
+        depth = len(keys)
+        if depth == 1:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale, enable_gqa=True)
+        else:
+            qp, kp = positions[:, None], positions[None, :]
+            # [S, depth*S]: the real rows up to p-d+1, then one row of each later depth on the diagonal
+            mask = torch.cat([kp <= qp - (depth - 1)] + [kp == qp - (depth - j) for j in range(2, depth + 1)], dim=1)
+            k_all = torch.cat([kk for kk, _ in keys], dim=2)
+            v_all = torch.cat([vv for _, vv in keys], dim=2)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scale, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(b * s, nh * hd))
+
+    def pack_linears(self, quantization: str) -> None:
+        """The target's CPU weight format (engine/linear.py) for the head's projections too; inference only."""
+        if self.fc.bias.device.type != "cpu" or self.fc.bias.dtype != torch.float32:
+            return
+        if quantization == "none" and not torch.backends.mkldnn.is_available():
+            return
+        for module in self.modules():
+            if isinstance(module, Linear):
+                PACKERS[quantization](module)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(_TRAINED)}
+
+
+def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatures: list[float], vocab_size: int,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One draft token per row: argmax where the temperature is 0, else d ~ q = softmax(logits / T).
+
+    logits: [R, N] over the draft vocabulary. Returns the drafts as target ids [R] and, per row, q
+    scattered into the full vocabulary [V] (zero outside the draft vocabulary), or None when greedy.
+    """
+    picks = logits.argmax(dim=-1)  # [R]
+    probs: list[torch.Tensor | None] = [None] * len(temperatures)
+    sampled = [r for r, t in enumerate(temperatures) if t > 0]
+    if sampled:
+        temps = torch.tensor([temperatures[r] for r in sampled], device=logits.device)[:, None]
+        q_small = torch.softmax(logits[sampled] / temps, dim=-1)  # [S, N]
+        picks[sampled] = torch.multinomial(q_small, 1, generator=generator).squeeze(1)
+        q = torch.zeros(len(sampled), vocab_size, dtype=torch.float32, device=logits.device)
+        q.index_copy_(1, draft_vocab, q_small)
+        for i, r in enumerate(sampled):
+            probs[r] = q[i]
+    return draft_vocab[picks], probs
+
+
+def _slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    # rows index block_tables; positions: [T] -> cache slots [T]
+    blocks = positions // block_size
+    assert int(blocks.max()) < block_tables.shape[1], (
+        "the block table has no slot for a draft position: the scheduler must reserve k lookahead slots")
+    return block_tables[rows, blocks] * block_size + positions % block_size
+
+
+class EagleProposer:
+    """`FeatureProposer` over an `EagleHead`: extends the draft's KV with the step's rows, then drafts
+    k tokens per proposing request, one batched decode call per draft after the first."""
+
+    name = "eagle"
+
+    def __init__(self, head: EagleHead, num_speculative_tokens: int = 4, seed: int = 0):
+        self.head = head
+        self.num_speculative_tokens = num_speculative_tokens
+        self.seed = seed
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.generator: torch.Generator | None = None
+
+    def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        cfg = self.head.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # zeros, as the target's: padded decode rows read masked slots, and 0 * NaN would poison them
+        self.kv_cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+
+    @torch.inference_mode()
+    def propose_from_features(self, batch: FeatureBatch) -> dict[str, Proposal]:
+        assert self.kv_cache is not None, "allocate_cache first"
+        head, bs = self.head, batch.block_size
+        dev = batch.hidden.device
+        starts = batch.starts
+        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=dev)
+        rows = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)  # [T]
+        block_tables = batch.block_tables.to(dev)
+        meta = AttentionMetadata(slot_mapping=_slots(block_tables, rows, batch.positions, bs), block_tables=block_tables,
+                                 seq_lens=torch.tensor(batch.seq_lens, device=dev), query_start_loc=list(starts),
+                                 seq_lens_list=list(batch.seq_lens), block_size=bs)
+        g = head(batch.next_token_ids, batch.hidden, batch.positions, self.kv_cache, meta)  # [T, H]
+        want = [r for r in range(len(starts) - 1) if batch.propose[r] and starts[r + 1] > starts[r]
+                and min(self.num_speculative_tokens, batch.max_drafts[r]) > 0]
+        if not want:
+            return {}
+        ks = [min(self.num_speculative_tokens, batch.max_drafts[r]) for r in want]
+        temps = [batch.temperatures[r] for r in want]
+        g = g[torch.tensor([starts[r + 1] - 1 for r in want], device=dev)]  # [P, H] each request's last row
+        drafts, probs = self._draft(g, temps)
+        tokens: list[list[int]] = [[d] for d in drafts.tolist()]
+        qs: list[list[torch.Tensor | None]] = [[q] for q in probs]
+        active = list(range(len(want)))  # indexes into want still drafting
+        for step in range(1, max(ks)):
+            keep = [i for i, a in enumerate(active) if ks[a] > step]
+            if not keep:
+                break
+            idx = torch.tensor(keep, device=dev)
+            active = [active[i] for i in keep]
+            req_rows = torch.tensor([want[a] for a in active], device=dev)
+            positions = torch.tensor([batch.seq_lens[want[a]] - 1 + step for a in active], device=dev)
+            tables = block_tables[req_rows]
+            seq_lens = [p + 1 for p in positions.tolist()]
+            meta = AttentionMetadata(slot_mapping=_slots(tables, torch.arange(len(active), device=dev), positions, bs),
+                                     block_tables=tables, seq_lens=torch.tensor(seq_lens, device=dev),
+                                     query_start_loc=list(range(len(active) + 1)), seq_lens_list=seq_lens,
+                                     block_size=bs)
+            g = head(drafts[idx], g[idx], positions, self.kv_cache, meta)  # [P', H]
+            drafts, probs = self._draft(g, [temps[a] for a in active])
+            for a, d, q in zip(active, drafts.tolist(), probs):
+                tokens[a].append(d)
+                qs[a].append(q)
+        out = {}
+        for a, r in enumerate(want):
+            q = None if temps[a] <= 0 else torch.stack(qs[a])  # [k, V]
+            out[batch.request_ids[r]] = Proposal(tokens[a], q)
+        return out
+
+    def _draft(self, g: torch.Tensor, temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        head = self.head
+        return draft_from_logits(head.draft_logits(g), head.draft_vocab, temps, head.config.vocab_size, self.generator)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def _fingerprint(cfg: ModelConfig) -> dict[str, str]:
+    """What a head must agree on with its target."""
+    return {"hidden_size": str(cfg.hidden_size), "vocab_size": str(cfg.vocab_size),
+            "num_heads": str(cfg.num_heads), "num_kv_heads": str(cfg.num_kv_heads),
+            "intermediate_size": str(cfg.intermediate_size)}
+
+
+def save_eagle(head: EagleHead, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """fp16 weights + draft vocabulary in one safetensors file; metadata values are strings."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in head.trained_state().items()}
+    tensors["draft_vocab"] = head.draft_vocab.detach().cpu()
+    meta = {"format": FORMAT, "draft_vocab_size": str(head.draft_vocab_size), **_fingerprint(head.config),
+            **{k: str(v) for k, v in (metadata or {}).items()}}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def read_eagle_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_eagle(path: str | Path, target_model: LlamaForCausalLM, quantization: str | None = None) -> EagleHead:
+    """A head for `target_model` from a checkpoint written by `save_eagle`, in the target's dtype and device.
+
+    quantization: the target's resolved CPU weight format ("none", "fp16", "int8"; LoadedModel.quantization)
+    to pack the head's projections into as well; None keeps plain weights (training, tests).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no EAGLE head at {path}")
+    meta = read_eagle_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a Sluice EAGLE head (format {meta.get('format')!r})")
+    want = _fingerprint(target_model.config)
+    wrong = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if wrong:
+        raise ValueError(f"EAGLE head {path.name} was trained for another model: (head, target) {json.dumps(wrong)}")
+    tensors = load_file(str(path))
+    head = EagleHead(target_model, tensors.pop("draft_vocab"))
+    dtype = head.fc.bias.dtype
+    missing, unexpected = head.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    missing = [k for k in missing if k.startswith(_TRAINED)]
+    if missing or unexpected:
+        raise ValueError(f"EAGLE head {path.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    head.eval().requires_grad_(False)
+    if quantization is not None:
+        head.pack_linears(quantization)
+    return head

@@ -1,0 +1,160 @@
+"""EAGLE draft head: the paged propose path against the training forward, sampling, checkpoints, training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.eagle import EagleHead, EagleProposer, load_eagle, read_eagle_metadata, save_eagle
+from decoding.eagle_train import (IGNORE, Sample, TrainConfig, build_draft_vocab, evaluate_acceptance, make_batches,
+                                  target_features, train_head)
+from decoding.proposers import FeatureBatch
+from engine.loader import load_model
+
+BLOCK = 4
+K = 3
+
+
+@pytest.fixture(scope="module")
+def target(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), "cpu", "auto", "none").model
+
+
+def _head(target, seed: int = 0) -> EagleHead:
+    torch.manual_seed(seed)
+    v = target.config.vocab_size
+    head = EagleHead(target, torch.randperm(v)[: v // 2])  # a draft vocabulary of half the ids, unordered
+    with torch.no_grad():  # larger than the training init, so drafts differ from row to row
+        for name, p in head.named_parameters():
+            if name.endswith("weight_t") and not name.startswith("draft_head"):
+                p.normal_(0, 0.3)
+    return head.eval()
+
+
+def _sequences(target) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    v = target.config.vocab_size
+    return {"a": torch.randint(3, v, (14,), generator=gen).tolist(), "b": torch.randint(3, v, (9,), generator=gen).tolist()}
+
+
+def _feature_batch(seqs, feats, rows: dict[str, range], tables: dict[str, list[int]], propose: dict[str, bool],
+                   temps: dict[str, float], max_drafts: dict[str, int]) -> FeatureBatch:
+    ids = list(rows)
+    starts = [0]
+    for r in ids:
+        starts.append(starts[-1] + len(rows[r]))
+    width = max(len(t) for t in tables.values())
+    return FeatureBatch(
+        request_ids=ids, hidden=torch.cat([feats[r][list(rows[r])] for r in ids]),
+        next_token_ids=torch.tensor([seqs[r][p + 1] for r in ids for p in rows[r]]),
+        positions=torch.tensor([p for r in ids for p in rows[r]]), starts=starts,
+        seq_lens=[rows[r][-1] + 1 for r in ids],
+        block_tables=torch.tensor([tables[r] + [0] * (width - len(tables[r])) for r in ids]), block_size=BLOCK,
+        propose=[propose[r] for r in ids], temperatures=[temps[r] for r in ids], max_drafts=[max_drafts[r] for r in ids])
+
+
+def _propose(head, seqs, feats, temps: dict[str, float]):
+    """Two steps, as the runner would call them: a's prompt in two chunks, b's prompt then one decode row."""
+    prop = EagleProposer(head, num_speculative_tokens=K)
+    prop.allocate_cache(num_blocks=10, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
+    tables = {"a": [5, 2, 9, 0], "b": [3, 7, 1]}  # scattered blocks, with room for the lookahead slots
+    prop.propose_from_features(_feature_batch(seqs, feats, {"a": range(0, 6), "b": range(0, 7)}, tables,
+                                              {"a": False, "b": True}, temps, {"a": 9, "b": 9}))
+    return prop.propose_from_features(_feature_batch(seqs, feats, {"a": range(6, 13), "b": range(7, 8)}, tables,
+                                                     {"a": True, "b": True}, temps, {"a": 9, "b": 2}))
+
+
+def _train_forward_drafts(head, seq: list[int], feats: torch.Tensor, last: int, k: int) -> list[int]:
+    """Chain drafts from the training forward: the depth-j row at last + j - 1, its ids the drafts so far."""
+    drafts: list[int] = []
+    for j in range(1, k + 1):
+        ids = torch.tensor(seq[1:last + 2] + drafts)[None]  # row p holds x_{p+1}
+        f = torch.cat([feats[:last + 1], torch.zeros(len(drafts), feats.shape[1])])[None]  # rows past `last`: unused
+        outs = head.forward_train(ids, f, depth=j)
+        drafts.append(int(head.draft_vocab[head.draft_logits(outs[-1][0, last + j - 1]).argmax()]))
+    return drafts
+
+
+def test_paged_proposals_equal_the_training_forward(target):
+    head = _head(target)
+    seqs = _sequences(target)
+    feats = dict(zip(seqs, target_features(target, list(seqs.values()))))
+    out = _propose(head, seqs, feats, {"a": 0.0, "b": 0.0})
+    with torch.no_grad():
+        assert out["a"].token_ids == _train_forward_drafts(head, seqs["a"], feats["a"], 12, K)
+        assert out["b"].token_ids == _train_forward_drafts(head, seqs["b"], feats["b"], 7, 2)  # max_drafts cut it
+    assert out["a"].probs is None and out["b"].probs is None
+    assert len(set(out["a"].token_ids) | set(out["b"].token_ids)) > 1
+
+
+def test_sampled_proposals_return_their_distribution(target):
+    head = _head(target)
+    seqs = _sequences(target)
+    feats = dict(zip(seqs, target_features(target, list(seqs.values()))))
+    out = _propose(head, seqs, feats, {"a": 0.8, "b": 0.0})
+    q = out["a"].probs
+    assert q.shape == (K, target.config.vocab_size) and q.dtype == torch.float32
+    assert torch.allclose(q.sum(-1), torch.ones(K), atol=1e-5)
+    assert all(float(q[j, d]) > 0 for j, d in enumerate(out["a"].token_ids))
+    outside = torch.ones(target.config.vocab_size, dtype=torch.bool)
+    outside[head.draft_vocab] = False
+    assert float(q[:, outside].sum()) == 0.0  # q lives on the draft vocabulary
+    assert out["b"].probs is None
+
+
+def test_checkpoint_round_trip(target, tmp_path):
+    head = _head(target)
+    path = save_eagle(head, tmp_path / "head.safetensors", {"num_speculative_tokens": 4})
+    meta = read_eagle_metadata(path)
+    assert meta["draft_vocab_size"] == str(head.draft_vocab_size) and meta["num_speculative_tokens"] == "4"
+    assert path.stat().st_size < 200_000  # the head's own weights only, fp16: no embedding, no LM head
+    loaded = load_eagle(path, target)
+    assert torch.equal(loaded.draft_vocab, head.draft_vocab)
+    want = {k: v.half().float() for k, v in head.trained_state().items()}
+    got = loaded.trained_state()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    packed = load_eagle(path, target, quantization="fp16")  # the CPU inference format
+    g = torch.randn(3, target.config.hidden_size)
+    assert torch.allclose(packed.draft_logits(g), loaded.draft_logits(g), atol=1e-2)
+
+
+def test_draft_vocabulary_keeps_eos():
+    samples = [Sample([5, 6, 7, 7, 7, 8, 8], 2, True)]
+    vocab = build_draft_vocab(samples, vocab_size=20, size=4, always={2})
+    assert vocab.tolist() == [2, 5, 7, 8] or vocab.tolist() == [2, 6, 7, 8]
+    assert 2 in vocab.tolist() and 7 in vocab.tolist()
+
+
+def test_a_short_training_run_lowers_the_loss(target):
+    gen = torch.Generator().manual_seed(3)
+    v = target.config.vocab_size
+    motif = torch.randint(3, v, (12,), generator=gen).tolist()  # repeated patterns: something to learn
+    samples = [Sample(torch.randint(3, v, (4,), generator=gen).tolist() + motif[i % 5:] + motif * 2, 4, True)
+               for i in range(8)]
+    feats = target_features(target, [s.token_ids for s in samples])
+    torch.manual_seed(0)
+    head = EagleHead(target, build_draft_vocab(samples, v, 64, {2}))
+    index = torch.full((v,), IGNORE)
+    index[head.draft_vocab] = torch.arange(head.draft_vocab_size)
+    batches = make_batches(samples, feats, index, batch_tokens=256, device=torch.device("cpu"))
+    before = evaluate_acceptance(head, samples, feats, k=K)
+    losses = train_head(head, batches, TrainConfig(epochs=30, depth=2, lr=1e-2, progress=False))
+    after = evaluate_acceptance(head, samples, feats, k=K)
+    assert losses[-1] < 0.8 * losses[0]  # the feature loss keeps a floor: the input noise
+    assert 1.0 <= before.mean_accepted_length < after.mean_accepted_length <= K + 1
+
+
+def test_cli_has_train_eagle():
+    from gateway.cli import build_parser
+
+    args = build_parser().parse_args(["train-eagle", "--out", "h.safetensors", "--prompts", "10", "--epochs", "1"])
+    assert args.prompts == 10 and args.epochs == 1 and args.model == "smollm2"
+
+
+@pytest.mark.slow
+def test_the_shipped_head_fits_the_default_model():
+    from decoding.eagle import DEFAULT_HEAD
+
+    meta = read_eagle_metadata(DEFAULT_HEAD)
+    assert meta["target"] == "smollm2" and float(meta["mean_accepted_length"]) >= 2.5
+    head = load_eagle(DEFAULT_HEAD, load_model("smollm2", "cpu", "auto", "none").model)
+    assert head.draft_vocab_size == 8192 and 2 in head.draft_vocab.tolist()  # <|im_end|> can be drafted
