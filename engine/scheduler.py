@@ -188,7 +188,8 @@ class Scheduler:
     def _ahead(self, req: Request, n: int, drafts: list[int]) -> int:
         """Slots reserved past the scheduled tokens: the drafts', or the draft head's lookahead."""
         reaches_end = req.num_computed_tokens + n == req.num_tokens
-        return max(len(drafts), self.num_lookahead_tokens if reaches_end else 0)
+        # the draft head writes up to k positions past the accepted drafts
+        return len(drafts) + (self.num_lookahead_tokens if reaches_end else 0)
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The request's drafts that fit: only when decoding (one pending token), within the token

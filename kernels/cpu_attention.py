@@ -129,9 +129,15 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and k_cache.is_contiguous() and available())
 
 
+# Below this many (kv head x position) rows a call runs on one thread: a parallel region costs a few
+# microseconds on an idle machine, and a whole scheduler slice whenever another process holds a core.
+_PARALLEL_MIN_ROWS = 8192
+
+
 def cpu_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, H, D] (one row per request, the last of its seq_lens[i] positions) -> [B, H, D]."""
+                     seq_lens: torch.Tensor, scale: float, total_len: int | None = None) -> torch.Tensor:
+    """q: [B, H, D] (one row per request, the last of its seq_lens[i] positions) -> [B, H, D].
+    total_len: sum(seq_lens) when the caller knows it (saves reading the tensor)."""
     lib = _library()
     assert lib is not None and supports(q, k_cache) and v_cache.is_contiguous()
     b, h, d = q.shape
@@ -141,5 +147,9 @@ def cpu_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, h, d, dtype=q.dtype)
     lib.paged_decode_f32(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
                          tables.data_ptr(), tables.stride(0), lens.data_ptr(), out.data_ptr(),
-                         b, h, kvh, d, bs, scale, torch.get_num_threads())
+                         b, h, kvh, d, bs, scale, _threads(kvh * (total_len if total_len is not None else int(lens.sum()))))
     return out
+
+
+def _threads(rows: int) -> int:
+    return torch.get_num_threads() if rows >= _PARALLEL_MIN_ROWS else 1

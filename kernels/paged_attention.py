@@ -44,6 +44,10 @@ class AttentionMetadata:
         return max(b - a for a, b in zip(starts, starts[1:]))
 
     @functools.cached_property
+    def total_seq_len(self) -> int:
+        return sum(self.seq_lens_list)
+
+    @functools.cached_property
     def single_row_requests(self) -> list[int]:
         """Requests with one new row this step (decoding), in a batch that also holds prompt chunks."""
         starts = self.query_start_loc
@@ -86,7 +90,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     fast = cpu_attention.supports(q, k_cache)  # reads the blocks in place instead of gathering them
     if meta.is_decode_only:
         if fast:
-            return cpu_attention.cpu_paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return cpu_attention.cpu_paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                                  meta.total_seq_len)
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
@@ -94,7 +99,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if singles:  # the decoding requests of a mixed batch: one kernel call for all of them
         index, rows = meta.single_row_index
         out[rows] = cpu_attention.cpu_paged_decode(q[rows], k_cache, v_cache, meta.block_tables[index],
-                                                   meta.seq_lens[index], scale)
+                                                   meta.seq_lens[index], scale, meta.total_seq_len)
     done = set(singles)
     for i, seq_len in enumerate(meta.seq_lens_list):
         if i not in done:
