@@ -13,7 +13,7 @@ from engine.config import ModelConfig
 from grammar import apply_bitmask
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
-from engine.platform import tune_cpu_allocator
+from engine.platform import advise_huge_pages, tune_cpu_allocator
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import AttentionMetadata
 
@@ -52,9 +52,14 @@ class ModelRunner:
             tune_cpu_allocator()
         cfg = self.config
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # zeros, not empty: padded decode rows read (masked) slots, and 0 * NaN would poison them
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        # One pool for every layer's K and V (each view contiguous). Written now, not left to calloc: a
+        # fresh allocation faults each page on first write, and prefix caching hands out never-touched
+        # blocks first, so serving would pay those faults (measured: a 4% slower benchmark). Zeros, too:
+        # padded decode rows read (masked) slots, and 0 * NaN would poison them.
+        pool = torch.empty((cfg.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
+        advise_huge_pages(pool)
+        pool.zero_()
+        self.kv_caches = [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch

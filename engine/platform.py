@@ -5,10 +5,14 @@ import ctypes
 import ctypes.util
 import logging
 
+import torch
+
 log = logging.getLogger("sluice.platform")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE = 2 << 20
 
 
 def tune_cpu_allocator() -> bool:
@@ -29,3 +33,25 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         log.debug("mallopt unavailable; keeping the default allocator settings")
         return False
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask for transparent huge pages under a long-lived CPU tensor (the KV pool); advice only.
+
+    Attention jumps between KV blocks all over the pool: with 4 KiB pages most of those jumps are TLB
+    misses. Call it before the tensor's pages are first written (THP is "madvise" mode on many hosts).
+    """
+    if tensor.device.type != "cpu":
+        return
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    begin = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    end = (start + size) // _HUGE_PAGE * _HUGE_PAGE
+    name = ctypes.util.find_library("c")
+    if not name or end <= begin:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(begin, end - begin, _MADV_HUGEPAGE)  # a refusal changes nothing
+    except (OSError, AttributeError):
+        log.debug("madvise unavailable")

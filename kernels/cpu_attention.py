@@ -33,6 +33,28 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
+/* GCC vector extensions: AVX on x86, NEON on arm, without intrinsics */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) { v8f r; memcpy(&r, p, sizeof r); return r; }
+
+/* Four independent accumulators: one would chain every FMA on the last one's latency. */
+static inline float dot(const float *a, const float *b, int64_t D) {
+    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+        s0 += load8(a + d) * load8(b + d);
+        s1 += load8(a + d + 8) * load8(b + d + 8);
+        s2 += load8(a + d + 16) * load8(b + d + 16);
+        s3 += load8(a + d + 24) * load8(b + d + 24);
+    }
+    for (; d + 8 <= D; d += 8) s0 += load8(a + d) * load8(b + d);
+    const v8f s = (s0 + s1) + (s2 + s3);
+    float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; d < D; ++d) r += a[d] * b[d];
+    return r;
+}
+
 /* One new query row per request, over its seq_len cached positions.
    q: [B, H, D] (row strides qs0, qs1; unit stride in D); k, v: [NB, BS, KVH, D] contiguous;
    tables: [B, MB] int64; lens: [B] int64; out: [B, H, D] contiguous.
@@ -42,38 +64,38 @@ void paged_decode_f32(const float *q, int64_t qs0, int64_t qs1, const float *k, 
                       int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int threads) {
     const int64_t G = H / KVH;
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * KVH; ++item) {
-        const int64_t b = item / KVH, kh = item % KVH, S = lens[b];
-        float *sc = (float *)malloc(sizeof(float) * G * (S > 0 ? S : 1));  /* scores [G, S] */
-        const float *qb = q + b * qs0 + kh * G * qs1;
-        float *ob = out + (b * H + kh * G) * D;
-        for (int64_t s = 0; s < S; ++s) {
-            const float *kr = k + ((tables[b * mb + s / BS] * BS + s % BS) * KVH + kh) * D;
-            for (int64_t g = 0; g < G; ++g) {
-                const float *qg = qb + g * qs1;
-                float acc = 0.f;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t d = 0; d < D; ++d) acc += qg[d] * kr[d];
-                sc[g * S + s] = acc * scale;
-            }
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t S = lens[b];
+        float *sc = (float *)malloc(sizeof(float) * H * (S > 0 ? S : 1));  /* scores [H, S] */
+        const float *qb = q + b * qs0;
+        float *ob = out + b * H * D;
+        /* block by block, all kv heads of a position together: each block is one contiguous read */
+        for (int64_t s0 = 0; s0 < S; s0 += BS) {
+            const float *kb = k + tables[b * mb + s0 / BS] * BS * KVH * D;
+            const int64_t n = S - s0 < BS ? S - s0 : BS;
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t h = 0; h < H; ++h)
+                    sc[h * S + s0 + j] = dot(qb + h * qs1, kb + (j * KVH + h / G) * D, D) * scale;
         }
-        for (int64_t g = 0; g < G; ++g) {
-            float *row = sc + g * S, mx = -INFINITY, sum = 0.f;
+        for (int64_t h = 0; h < H; ++h) {
+            float *row = sc + h * S, mx = -INFINITY, sum = 0.f;
             for (int64_t s = 0; s < S; ++s) mx = row[s] > mx ? row[s] : mx;
             #pragma omp simd reduction(+:sum)
             for (int64_t s = 0; s < S; ++s) { row[s] = expf(row[s] - mx); sum += row[s]; }
             const float inv = sum > 0.f ? 1.f / sum : 0.f;
             for (int64_t s = 0; s < S; ++s) row[s] *= inv;
         }
-        memset(ob, 0, sizeof(float) * G * D);
-        for (int64_t s = 0; s < S; ++s) {
-            const float *vr = v + ((tables[b * mb + s / BS] * BS + s % BS) * KVH + kh) * D;
-            for (int64_t g = 0; g < G; ++g) {
-                const float p = sc[g * S + s];
-                float *o = ob + g * D;
-                #pragma omp simd
-                for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
-            }
+        memset(ob, 0, sizeof(float) * H * D);
+        for (int64_t s0 = 0; s0 < S; s0 += BS) {
+            const float *vb = v + tables[b * mb + s0 / BS] * BS * KVH * D;
+            const int64_t n = S - s0 < BS ? S - s0 : BS;
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t h = 0; h < H; ++h) {
+                    const float p = sc[h * S + s0 + j], *vr = vb + (j * KVH + h / G) * D;
+                    float *o = ob + h * D;
+                    #pragma omp simd
+                    for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+                }
         }
         free(sc);
     }
