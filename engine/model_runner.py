@@ -54,7 +54,7 @@ class ModelRunner:
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # One pool for every layer's K and V (each view contiguous). Written now, not left to calloc: a
         # fresh allocation faults each page on first write, and prefix caching hands out never-touched
-        # blocks first, so serving would pay those faults (measured: a 4% slower benchmark). Zeros, too:
+        # blocks first, so serving would pay those faults. Zeros, too:
         # padded decode rows read (masked) slots, and 0 * NaN would poison them.
         pool = torch.empty((cfg.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
         advise_huge_pages(pool)

@@ -58,7 +58,7 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 /* One new query row per request, over its seq_len cached positions.
    q: [B, H, D] (row strides qs0, qs1; unit stride in D); k, v: [NB, BS, KVH, D] contiguous;
    tables: [B, MB] int64; lens: [B] int64; out: [B, H, D] contiguous.
-   Work item = (request, kv head): its G = H / KVH query heads share every K and V row read. */
+   Work item = request: its blocks are read whole, each position's K (then V) row serving all H heads. */
 void paged_decode_f32(const float *q, int64_t qs0, int64_t qs1, const float *k, const float *v,
                       const int64_t *tables, int64_t mb, const int64_t *lens, float *out,
                       int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int threads) {

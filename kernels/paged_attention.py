@@ -54,6 +54,10 @@ class AttentionMetadata:
         return [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
 
     @functools.cached_property
+    def single_row_total_len(self) -> int:
+        return sum(self.seq_lens_list[i] for i in self.single_row_requests)
+
+    @functools.cached_property
     def single_row_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(request index, row index) tensors of single_row_requests, built once per step for every layer."""
         dev = self.seq_lens.device
@@ -99,7 +103,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if singles:  # the decoding requests of a mixed batch: one kernel call for all of them
         index, rows = meta.single_row_index
         out[rows] = cpu_attention.cpu_paged_decode(q[rows], k_cache, v_cache, meta.block_tables[index],
-                                                   meta.seq_lens[index], scale, meta.total_seq_len)
+                                                   meta.seq_lens[index], scale, meta.single_row_total_len)
     done = set(singles)
     for i, seq_len in enumerate(meta.seq_lens_list):
         if i not in done:
