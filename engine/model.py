@@ -86,11 +86,12 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def pack_linears(self, quantization: str, progress: bool = False) -> None:
+    def pack_linears(self, quantization: str, progress: bool = False,
+                     outliers: dict[Linear, torch.Tensor] | None = None) -> None:
         """Move every projection and the LM head into a CPU library format (see engine/linear.py).
 
         "none" keeps fp32 (oneDNN-packed where available); embeddings, norms and the KV cache
-        always stay in the model dtype.
+        always stay in the model dtype. `outliers`: int8's fp32 input channels per layer.
         """
         from tqdm import tqdm
 
@@ -104,7 +105,10 @@ class LlamaForCausalLM(nn.Module):
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         desc = f"Packing weights ({quantization})"
         for module in tqdm(linears, desc=desc, unit="layer", disable=not progress, leave=False):
-            PACKERS[quantization](module)
+            if quantization == "int8":
+                module.pack_int8((outliers or {}).get(module))
+            else:
+                PACKERS[quantization](module)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:

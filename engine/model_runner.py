@@ -14,6 +14,7 @@ from grammar import apply_bitmask
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
 from engine.platform import advise_huge_pages, tune_cpu_allocator
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import AttentionMetadata
 
@@ -248,3 +249,15 @@ class ModelRunner:
         if s.request_id not in self.generators:
             self.generators[s.request_id] = make_generator(s.sampling_params.seed, self.device)
         return self.generators[s.request_id]
+
+
+def prompt_hidden(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Final hidden states at every position of one prompt, run whole through a fresh paged cache
+    (calibration and tests). [len(token_ids), hidden]"""
+    num_blocks = -(-len(token_ids) // block_size)
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+    row = ScheduledRequest("prompt", token_ids, 0, list(range(num_blocks)), True, SamplingParams(temperature=0),
+                           [], [])
+    batch = runner.prepare([row])
+    with torch.inference_mode():
+        return model(batch.input_ids, batch.positions, runner.kv_caches, batch.attn)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.model import LlamaForCausalLM
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, prompt_hidden
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest
 
@@ -23,6 +23,6 @@ def step_logits(runner: ModelRunner, rows: list[ScheduledRequest]) -> torch.Tens
 
 def prompt_logits(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Logits at every position of one prompt, run whole through a fresh cache. [len(ids), V]"""
-    num_blocks = -(-len(ids) // block_size)
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
-    return step_logits(runner, [scheduled("x", ids, 0, list(range(num_blocks)))])
+    hidden = prompt_hidden(model, ids, block_size)
+    with torch.inference_mode():
+        return model.compute_logits(hidden)

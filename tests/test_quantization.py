@@ -48,6 +48,76 @@ def test_packed_linears_are_close_to_fp32(fmt, tolerance):
     assert (out - ref).norm() / ref.norm() < tolerance
 
 
+def _relative_errors(lin: Linear, x: torch.Tensor, **pack) -> torch.Tensor:
+    ref = lin(x)
+    lin.pack_int8(**pack)
+    return (lin(x) - ref).norm(dim=1) / ref.norm(dim=1)  # [T]
+
+
+def _outlier_case() -> tuple[Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    torch.nn.init.normal_(lin.weight_t, std=0.1)
+    torch.nn.init.normal_(lin.bias, std=0.1)
+    x = torch.randn(6, 64)
+    x[:, 7] *= 300.0  # one huge channel, as in the model's down projections
+    return lin, x
+
+
+def _error_on_other_channels(outliers: torch.Tensor | None) -> float:
+    """Output error relative to what the 63 ordinary channels contribute (the huge one dwarfs them)."""
+    lin, x = _outlier_case()
+    others = x.index_fill(1, torch.tensor([7]), 0.0)
+    ref, ref_others = lin(x), lin(others) - lin.bias
+    lin.pack_int8(outliers)
+    return ((lin(x) - ref).norm(dim=1) / ref_others.norm(dim=1)).max().item()
+
+
+def test_int8_outlier_channels_stay_fp32():
+    assert _error_on_other_channels(None) > 0.2  # quantized with it, the ordinary channels drown
+    assert _error_on_other_channels(torch.tensor([7])) < 0.03
+
+
+def test_int8_scales_activations_per_token():
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=False)
+    torch.nn.init.normal_(lin.weight_t, std=0.1)
+    x = torch.randn(4, 64) * torch.tensor([[1000.0], [1.0], [0.01], [3.0]])  # rows of very different size
+    errors = _relative_errors(lin, x)
+    assert errors.max() < 0.03, errors
+    assert torch.equal(lin(x[1:2]), lin(x[1:2]))  # and the one-row path
+
+
+def test_calibration_finds_an_injected_outlier_channel(tiny_llama_dir):
+    from engine.calibration import input_absmax, outlier_channels
+
+    model = _unpacked(str(tiny_llama_dir))
+    ids = list(range(3, 40))
+    down = model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        # make intermediate channel 5 of layer 0 huge: scale its up-projection column
+        model.layers[0].mlp.gate_up_proj.weight_t[:, model.layers[0].mlp.intermediate + 5] *= 500.0
+    stats = input_absmax(model, ids)
+    assert set(stats) == {m for m in model.modules() if isinstance(m, Linear)}
+    assert stats[down].argmax().item() == 5
+    assert 5 in outlier_channels(model, ids)[down].tolist()
+
+
+def _unpacked(folder: str):
+    """A loaded model whose linears still hold their fp32 weights (calibration runs before packing)."""
+    from engine.config import ModelConfig
+    from engine.loader import _read_source, load_weights
+    from engine.default_model import resolve_model
+    from engine.model import LlamaForCausalLM
+
+    hf_config, tensors = _read_source(resolve_model(folder))
+    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config))
+    load_weights(model, tensors)
+    model.tie_weights()
+    model.rope.build("cpu")
+    return model.eval().requires_grad_(False)
+
+
 def test_quantization_choices():
     assert resolve_quantization("auto", "cuda") == "none"
     assert resolve_quantization("int8", "cpu") == "int8"
