@@ -50,7 +50,7 @@ class LLMEngine:
         log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
                  config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        proposer = make_proposer(config, self.loaded.model)
+        proposer = make_proposer(config, self.loaded.model, self.loaded.quantization)
         lookahead = proposer.num_speculative_tokens if isinstance(proposer, FeatureProposer) else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, 1), self.eos_token_ids, lookahead)
@@ -152,7 +152,8 @@ class LLMEngine:
                                    step_seconds=self.runner.step_seconds)
 
 
-def make_proposer(config: EngineConfig, target: torch.nn.Module) -> Proposer | FeatureProposer | None:
+def make_proposer(config: EngineConfig, target: torch.nn.Module,
+                  quantization: str | None = None) -> Proposer | FeatureProposer | None:
     if config.speculative == "none":
         return None
     if config.speculative == "ngram":
@@ -160,7 +161,7 @@ def make_proposer(config: EngineConfig, target: torch.nn.Module) -> Proposer | F
     if config.speculative == "eagle":
         from decoding.eagle import DEFAULT_HEAD, EagleProposer, load_eagle
 
-        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target)
+        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target, quantization)
         return EagleProposer(head, config.num_speculative_tokens)
     raise ValueError(f"unknown speculative method {config.speculative!r}: expected none, ngram or eagle")
 

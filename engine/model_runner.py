@@ -196,7 +196,7 @@ class ModelRunner:
         if self.proposer is None or len(rows) > self.speculative_max_batch:
             return {}
         reqs = [ProposalRequest(s.request_id, s.prompt_token_ids + s.output_token_ids + sampled[s.request_id],
-                                self.proposer.num_speculative_tokens) for s in rows if s.request_id in sampled]
+                                _draft_room(s, sampled)) for s in rows if s.request_id in sampled]
         proposals = self.proposer.propose(reqs)
         for request_id, p in proposals.items():
             if p.probs is not None:
@@ -232,7 +232,7 @@ class ModelRunner:
             starts=starts, seq_lens=seq_lens, block_tables=batch.attn.block_tables, block_size=self.block_size,
             propose=[small and s.request_id in sampled for s in scheduled],
             temperatures=[0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in scheduled],
-            max_drafts=[self.proposer.num_speculative_tokens] * len(scheduled))
+            max_drafts=[_draft_room(s, sampled) for s in scheduled])
         proposals = self.proposer.propose_from_features(fb)
         for request_id, p in proposals.items():
             if p.probs is not None:
@@ -249,6 +249,11 @@ class ModelRunner:
         if s.request_id not in self.generators:
             self.generators[s.request_id] = make_generator(s.sampling_params.seed, self.device)
         return self.generators[s.request_id]
+
+
+def _draft_room(s: ScheduledRequest, sampled: dict[str, list[int]]) -> int:
+    """Drafts worth proposing after this step: verifying d of them yields up to d + 1 tokens."""
+    return max(0, s.tokens_left - len(sampled.get(s.request_id, ())) - 1)
 
 
 def prompt_hidden(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:

@@ -31,6 +31,7 @@ class ScheduledRequest:
     output_token_ids: list[int]
     banned_token_ids: list[int] = field(default_factory=list)  # stop ids while under min_tokens
     num_draft_tokens: int = 0  # the last ones of token_ids are drafts to verify (speculative decoding)
+    tokens_left: int = 1 << 30  # output tokens the request may still produce, counted before this step
 
     @property
     def draft_token_ids(self) -> list[int]:
@@ -214,6 +215,7 @@ class Scheduler:
             output_token_ids=req.output_token_ids,
             banned_token_ids=sorted(self._stop_ids(params)) if under_min else [],
             num_draft_tokens=len(drafts),
+            tokens_left=req.max_output_tokens - len(req.output_token_ids),
         )
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:

@@ -95,6 +95,24 @@ def test_greedy_output_is_identical_with_ngram_drafts(llms, params):
     assert stats.kv_blocks_used == 0  # rejected drafts' slots and finished requests' blocks all went back
 
 
+def test_proposers_are_asked_only_for_drafts_that_fit_before_max_tokens(llms, monkeypatch):
+    _, spec = llms
+    proposer = spec.engine.runner.proposer
+    asked: list[tuple[int, int]] = []  # (tokens of history, drafts allowed)
+
+    def recording(requests):
+        asked.extend((len(r.history), r.max_drafts) for r in requests)
+        return NgramProposer.propose(proposer, requests)
+
+    monkeypatch.setattr(proposer, "propose", recording)
+    prompt_len = len(spec.get_tokenizer().encode(PROMPTS[0]))
+    out = spec.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 6 and asked
+    for history, allowed in asked:
+        produced = history - prompt_len
+        assert allowed == max(0, 6 - produced - 1)  # d drafts verify into d + 1 tokens
+
+
 def test_stop_strings_and_n_with_drafts(llms):
     base, spec = llms
     text = base.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0].text
