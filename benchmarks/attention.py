@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import print_table  # noqa: E402
-from kernels import AttentionMetadata, paged_attention, write_kv  # noqa: E402
+from kernels import paged_attention, write_kv  # noqa: E402
+from kernels.random_case import random_paged_case  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 
@@ -38,31 +39,6 @@ def bench(fn: Callable[[], object], device: str, iters: int = 20) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 1e3 * sorted(times)[len(times) // 2]
-
-
-def make_case(seq_lens: list[int], q_lens: list[int], device: str, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    need = [-(-s // BLOCK) for s in seq_lens]
-    num_blocks = sum(need) + 8
-    ids = torch.randperm(num_blocks, generator=gen)
-    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int64)
-    first = 0
-    for i, n in enumerate(need):
-        tables[i, :n] = ids[first:first + n]
-        first += n
-    starts = [0]
-    for n in q_lens:
-        starts.append(starts[-1] + n)
-    slots = torch.cat([tables[i, torch.arange(s - n, s) // BLOCK] * BLOCK + torch.arange(s - n, s) % BLOCK
-                       for i, (s, n) in enumerate(zip(seq_lens, q_lens))])
-    meta = AttentionMetadata(slots.to(device), tables.to(device), torch.tensor(seq_lens, device=device),
-                             starts, seq_lens, BLOCK)
-    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, generator=gen).to(device, dtype)
-    v_cache = torch.randn(shape, generator=gen).to(device, dtype)
-    q = torch.randn(starts[-1], HEADS, HEAD_DIM, generator=gen).to(device, dtype)
-    kv = torch.randn(starts[-1], KV_HEADS, HEAD_DIM, generator=gen).to(device, dtype)
-    return q, kv, k_cache, v_cache, meta
 
 
 def main() -> None:
@@ -86,7 +62,8 @@ def main() -> None:
         cases.append((f"prefill B={b} L={n}, 3/4 cached", [n] * b, [n // 4] * b))
     rows = []
     for name, seq_lens, q_lens in cases:
-        q, kv, k_cache, v_cache, meta = make_case(seq_lens, q_lens, device, dtype)
+        case = random_paged_case(seq_lens, q_lens, HEADS, KV_HEADS, HEAD_DIM, BLOCK, device, dtype, spare_blocks=8)
+        q, kv, k_cache, v_cache, meta = case.q, case.kv, case.k_cache, case.v_cache, case.meta
         timings = {}
         for label, (write, attend) in backends.items():
             timings[label] = (bench(lambda: write(kv, kv, k_cache, v_cache, meta.slot_mapping), device),

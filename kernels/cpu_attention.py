@@ -1,11 +1,13 @@
-"""Paged decode attention on CPU, as a small C kernel compiled on first use.
+"""Paged attention for short queries on CPU (decode, drafts to verify, jump-forward tokens), as a small
+C kernel compiled on first use.
 
 Torch has no paged attention on CPU: the torch path gathers every request's blocks into a padded
 copy, then runs SDPA over it, so each layer moves the whole batch's KV twice and pads every request to
 the longest. This kernel reads keys and values straight from the block table, once, in place; it is
 what llama.cpp and vLLM's CPU backend do in C++. It is built with the system C compiler into
 $SLUICE_HOME/kernels (about a second, once) and called through ctypes, which releases the GIL for the
-call; without a compiler, or with SLUICE_CPU_KERNELS=0, the torch path runs instead.
+call; without a compiler, or with SLUICE_CPU_KERNELS=0, the torch path runs instead. Long queries
+(prompt chunks) go to torch's flash SDPA, which tiles them better.
 
 Threads: the kernel uses OpenMP from the libgomp torch has already loaded (same soname), so it shares
 torch's thread pool instead of starting a second one.
@@ -55,47 +57,62 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return r;
 }
 
-/* One new query row per request, over its seq_len cached positions.
-   q: [B, H, D] (row strides qs0, qs1; unit stride in D); k, v: [NB, BS, KVH, D] contiguous;
-   tables: [B, MB] int64; lens: [B] int64; out: [B, H, D] contiguous.
-   Work item = request: its blocks are read whole, each position's K (then V) row serving all H heads. */
-void paged_decode_f32(const float *q, int64_t qs0, int64_t qs1, const float *k, const float *v,
-                      const int64_t *tables, int64_t mb, const int64_t *lens, float *out,
-                      int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, int threads) {
+/* Causal attention of each request's new query rows over its cached context, read in place.
+   q: [T, H, D] (row strides qs0, qs1; unit stride in D); request b owns rows qstart[b] .. + qlen[b] - 1,
+   the last qlen[b] of its lens[b] positions; k, v: [NB, BS, KVH, D] contiguous; tables: [B, MB] int64;
+   out: [T, H, D] contiguous, only the requests' rows written.
+   Work item = request: each block is read whole, once, each position's K (then V) row serving every
+   query row that sees it and all H heads. */
+void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *k, const float *v,
+                         const int64_t *tables, int64_t mb, const int64_t *lens, const int64_t *qstart,
+                         const int64_t *qlen, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                         int64_t BS, float scale, int threads) {
     const int64_t G = H / KVH;
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
-        const int64_t S = lens[b];
-        float *sc = (float *)malloc(sizeof(float) * H * (S > 0 ? S : 1));  /* scores [H, S] */
-        const float *qb = q + b * qs0;
-        float *ob = out + b * H * D;
-        /* block by block, all kv heads of a position together: each block is one contiguous read */
+        const int64_t S = lens[b], L = qlen[b], first = S - L;  /* query row i sits at position first + i */
+        float *sc = (float *)malloc(sizeof(float) * L * H * (S > 0 ? S : 1));  /* scores [L, H, S] */
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *kb = k + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            for (int64_t j = 0; j < n; ++j)
-                for (int64_t h = 0; h < H; ++h)
-                    sc[h * S + s0 + j] = dot(qb + h * qs1, kb + (j * KVH + h / G) * D, D) * scale;
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t pos = s0 + j;
+                for (int64_t i = pos > first ? pos - first : 0; i < L; ++i) {  /* the rows that see pos */
+                    const float *qi = q + (qstart[b] + i) * qs0;
+                    float *si = sc + i * H * S;
+                    for (int64_t h = 0; h < H; ++h)
+                        si[h * S + pos] = dot(qi + h * qs1, kb + (j * KVH + h / G) * D, D) * scale;
+                }
+            }
         }
-        for (int64_t h = 0; h < H; ++h) {
-            float *row = sc + h * S, mx = -INFINITY, sum = 0.f;
-            for (int64_t s = 0; s < S; ++s) mx = row[s] > mx ? row[s] : mx;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t s = 0; s < S; ++s) { row[s] = expf(row[s] - mx); sum += row[s]; }
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            for (int64_t s = 0; s < S; ++s) row[s] *= inv;
+        for (int64_t i = 0; i < L; ++i) {
+            const int64_t len = first + i + 1;
+            for (int64_t h = 0; h < H; ++h) {
+                float *row = sc + (i * H + h) * S, mx = -INFINITY, sum = 0.f;
+                for (int64_t s = 0; s < len; ++s) mx = row[s] > mx ? row[s] : mx;
+                #pragma omp simd reduction(+:sum)
+                for (int64_t s = 0; s < len; ++s) { row[s] = expf(row[s] - mx); sum += row[s]; }
+                const float inv = sum > 0.f ? 1.f / sum : 0.f;
+                for (int64_t s = 0; s < len; ++s) row[s] *= inv;
+            }
         }
-        memset(ob, 0, sizeof(float) * H * D);
+        memset(out + qstart[b] * H * D, 0, sizeof(float) * L * H * D);
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *vb = v + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            for (int64_t j = 0; j < n; ++j)
-                for (int64_t h = 0; h < H; ++h) {
-                    const float p = sc[h * S + s0 + j], *vr = vb + (j * KVH + h / G) * D;
-                    float *o = ob + h * D;
-                    #pragma omp simd
-                    for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+            for (int64_t j = 0; j < n; ++j) {
+                const int64_t pos = s0 + j;
+                for (int64_t i = pos > first ? pos - first : 0; i < L; ++i) {
+                    const float *si = sc + i * H * S;
+                    float *oi = out + (qstart[b] + i) * H * D;
+                    for (int64_t h = 0; h < H; ++h) {
+                        const float p = si[h * S + pos], *vr = vb + (j * KVH + h / G) * D;
+                        float *o = oi + h * D;
+                        #pragma omp simd
+                        for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
+                    }
                 }
+            }
         }
         free(sc);
     }
@@ -116,17 +133,17 @@ def _library() -> ctypes.CDLL | None:
         return None
     digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + platform.machine()).encode()).hexdigest()[:16]
     home = Path(os.environ.get("SLUICE_HOME", Path.home() / ".cache" / "sluice"))
-    target = home / "kernels" / f"paged_decode_{digest}.so"
+    target = home / "kernels" / f"paged_attention_{digest}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
-        log.warning("CPU decode kernel unavailable (%s): using the torch path", exc)
+        log.warning("CPU attention kernel unavailable (%s): using the torch path", exc)
         return None
-    fn = lib.paged_decode_f32
+    fn = lib.paged_attention_f32
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                    ctypes.c_int]
     fn.restype = None
     return lib
@@ -135,7 +152,7 @@ def _library() -> ctypes.CDLL | None:
 def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "paged_decode.c", Path(tmp) / target.name
+        src, out = Path(tmp) / "paged_attention.c", Path(tmp) / target.name
         src.write_text(_SOURCE)
         subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
                        timeout=120)
@@ -151,26 +168,28 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.stride(-1) == 1 and k_cache.is_contiguous() and available())
 
 
-# Below this many (kv head x position) rows a call runs on one thread: a parallel region costs a few
+# Queries up to this many rows per request go to the kernel; longer ones (prompt chunks) to SDPA.
+SHORT_QUERY = 8
+# Below this many (kv head x position x query row) dot rows a call runs on one thread: a parallel region costs a few
 # microseconds on an idle machine, and a whole scheduler slice whenever another process holds a core.
 _PARALLEL_MIN_ROWS = 8192
 
 
-def cpu_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, total_len: int | None = None) -> torch.Tensor:
-    """q: [B, H, D] (one row per request, the last of its seq_lens[i] positions) -> [B, H, D].
-    total_len: sum(seq_lens) when the caller knows it (saves reading the tensor)."""
+def cpu_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, query_start: torch.Tensor, query_len: torch.Tensor,
+                        out: torch.Tensor, scale: float, work: int) -> None:
+    """Writes out[query_start[b] : + query_len[b]] for each request b: the causal attention of its last
+    query_len[b] positions over all seq_lens[b]. q: [T, H, D]; out: [T, H, D] contiguous.
+    block_tables / seq_lens / query_start / query_len: int64, contiguous, a row or entry per request.
+    work: the sum of seq_len * query_len over the requests (picks the thread count)."""
     lib = _library()
-    assert lib is not None and supports(q, k_cache) and v_cache.is_contiguous()
-    b, h, d = q.shape
+    assert lib is not None and supports(q, k_cache) and v_cache.is_contiguous() and out.is_contiguous()
+    _, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    tables = block_tables.to(torch.int64).contiguous()
-    lens = seq_lens.to(torch.int64).contiguous()
-    out = torch.empty(b, h, d, dtype=q.dtype)
-    lib.paged_decode_f32(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
-                         tables.data_ptr(), tables.stride(0), lens.data_ptr(), out.data_ptr(),
-                         b, h, kvh, d, bs, scale, _threads(kvh * (total_len if total_len is not None else int(lens.sum()))))
-    return out
+    lib.paged_attention_f32(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                            block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(),
+                            query_start.data_ptr(), query_len.data_ptr(), out.data_ptr(), len(seq_lens), h, kvh,
+                            d, bs, scale, _threads(kvh * work))
 
 
 def _threads(rows: int) -> int:

@@ -17,6 +17,16 @@ from kernels import cpu_attention
 
 
 @dataclass
+class ShortQueries:
+    block_tables: torch.Tensor  # [R, max_blocks] int64
+    seq_lens: torch.Tensor  # [R] int64
+    query_start: torch.Tensor  # [R] int64: first row of each request's queries
+    query_len: torch.Tensor  # [R] int64
+    requests: set[int]  # their indices in the batch
+    work: int  # sum of seq_len * query_len
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
@@ -48,22 +58,23 @@ class AttentionMetadata:
         return sum(self.seq_lens_list)
 
     @functools.cached_property
-    def single_row_requests(self) -> list[int]:
-        """Requests with one new row this step (decoding), in a batch that also holds prompt chunks."""
-        starts = self.query_start_loc
-        return [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
-
-    @functools.cached_property
-    def single_row_total_len(self) -> int:
-        return sum(self.seq_lens_list[i] for i in self.single_row_requests)
-
-    @functools.cached_property
-    def single_row_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(request index, row index) tensors of single_row_requests, built once per step for every layer."""
+    def short_queries(self) -> ShortQueries | None:
+        """The requests with at most cpu_attention.SHORT_QUERY new rows (decoding, verifying drafts,
+        jump-forward tokens), for the CPU kernel; built once per step for every layer."""
+        starts, n = self.query_start_loc, self.num_seqs
+        index = [i for i in range(n) if starts[i + 1] - starts[i] <= cpu_attention.SHORT_QUERY]
+        if not index:
+            return None
         dev = self.seq_lens.device
-        index = self.single_row_requests
-        rows = [self.query_start_loc[i] for i in index]
-        return torch.tensor(index, device=dev), torch.tensor(rows, device=dev)
+        lens = [starts[i + 1] - starts[i] for i in index]
+        everyone = len(index) == n
+        return ShortQueries(
+            block_tables=self.block_tables if everyone else self.block_tables[torch.tensor(index, device=dev)],
+            seq_lens=self.seq_lens if everyone else self.seq_lens[torch.tensor(index, device=dev)],
+            query_start=torch.tensor([starts[i] for i in index], device=dev),
+            query_len=torch.tensor(lens, device=dev),
+            requests=set(index),
+            work=sum(self.seq_lens_list[i] * q for i, q in zip(index, lens)))
 
     @functools.cached_property
     def decode_blocks_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,19 +103,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the new rows over each request's cached context. q: [T, H, D] -> [T, H, D]."""
     fast = cpu_attention.supports(q, k_cache)  # reads the blocks in place instead of gathering them
-    if meta.is_decode_only:
-        if fast:
-            return cpu_attention.cpu_paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                  meta.total_seq_len)
+    if meta.is_decode_only and not fast:
         return _decode(q, k_cache, v_cache, meta, scale)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    short = meta.short_queries if fast else None
+    if short is not None:  # decoding, drafts and jump-forward tokens: one kernel call for all of them
+        cpu_attention.cpu_paged_attention(q, k_cache, v_cache, short.block_tables, short.seq_lens,
+                                          short.query_start, short.query_len, out, scale, short.work)
+    done = short.requests if short is not None else set()
     starts = meta.query_start_loc
-    singles = meta.single_row_requests if fast else []
-    if singles:  # the decoding requests of a mixed batch: one kernel call for all of them
-        index, rows = meta.single_row_index
-        out[rows] = cpu_attention.cpu_paged_decode(q[rows], k_cache, v_cache, meta.block_tables[index],
-                                                   meta.seq_lens[index], scale, meta.single_row_total_len)
-    done = set(singles)
     for i, seq_len in enumerate(meta.seq_lens_list):
         if i not in done:
             rows = slice(starts[i], starts[i + 1])

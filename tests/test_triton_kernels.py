@@ -21,40 +21,11 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install triton): its kernels can't be tested")
 
 from kernels.paged_attention import AttentionMetadata, paged_attention, write_kv  # noqa: E402
+from kernels.random_case import random_paged_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 0.3
-
-
-def _block_tables(seq_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
-    """Distinct blocks in shuffled order, so a request's blocks are neither contiguous nor sorted."""
-    need = [-(-s // block_size) for s in seq_lens]
-    ids = torch.randperm(num_blocks, generator=gen)[: sum(need)]
-    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int64)
-    for i, (n, first) in enumerate(zip(need, [sum(need[:i]) for i in range(len(need))])):
-        tables[i, :n] = ids[first:first + n]
-    return tables
-
-
-def _meta(seq_lens: list[int], q_lens: list[int], block_size: int, num_blocks: int,
-          gen: torch.Generator) -> AttentionMetadata:
-    starts = [0]
-    for n in q_lens:
-        starts.append(starts[-1] + n)
-    return AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=DEVICE),  # unused by attention
-        block_tables=_block_tables(seq_lens, block_size, num_blocks, gen).to(DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=DEVICE),
-        query_start_loc=starts, seq_lens_list=seq_lens, block_size=block_size)
-
-
-def _inputs(meta: AttentionMetadata, heads: int, kv_heads: int, head_dim: int, num_blocks: int,
-            gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = meta.query_start_loc[-1]
-    shape = (num_blocks, meta.block_size, kv_heads, head_dim)
-    q, k, v = (torch.randn(s, generator=gen) for s in ((t, heads, head_dim), shape, shape))
-    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
 
 
 def _attention(seq_lens: list[int], q_lens: list[int], block_size: int = 4, head_dim: int = 16,
@@ -62,10 +33,9 @@ def _attention(seq_lens: list[int], q_lens: list[int], block_size: int = 4, head
                strided_q: bool = False) -> None:
     from kernels.triton_attention import triton_paged_attention
 
-    gen = torch.Generator().manual_seed(sum(seq_lens) + block_size + head_dim)
-    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
-    meta = _meta(seq_lens, q_lens, block_size, num_blocks, gen)
-    q, k_cache, v_cache = _inputs(meta, heads, kv_heads, head_dim, num_blocks, gen, dtype)
+    case = random_paged_case(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, DEVICE, dtype,
+                             seed=sum(seq_lens) + block_size + head_dim)
+    q, k_cache, v_cache, meta = case.q, case.k_cache, case.v_cache, case.meta
     if strided_q:  # as when q is a slice of a fused qkv projection
         q = torch.cat([q, torch.zeros_like(q)], dim=1)[:, :heads]
     got = triton_paged_attention(q, k_cache, v_cache, meta, SCALE)
