@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--walks", type=int, default=3, help="random walks per schema")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="engine decode batches (none: skip)")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3, help="decode rounds per configuration (best kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="decode rounds per configuration (best kept)")
     args = ap.parse_args()
 
     from engine.default_model import resolve_model
