@@ -2,6 +2,11 @@
 
     python benchmarks/serve.py --url http://127.0.0.1:8000 --concurrency 32 --requests 64 --max-tokens 128
     python benchmarks/serve.py --url ... --rate 2.0 --requests 64       # open loop, Poisson arrivals
+    python benchmarks/serve.py --gateway-cost [--quantization auto]    # Sluice: gateway vs offline engine
+
+--gateway-cost starts `sluice serve` on a free port, runs the load through HTTP, stops it, then runs the
+same requests (same prompts, chat template, max_tokens, concurrency) through the offline AsyncEngine in
+this process, and prints both with the gateway's cost in output tokens/s.
 
 Streams chat completions and times every chunk: TTFT, time per output token (after the first),
 inter-token latency, request and output-token throughput. Output tokens come from the server's
@@ -11,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import httpx
 
@@ -70,27 +80,56 @@ async def one_request(client: httpx.AsyncClient, args, prompt: str) -> Result:
 
 
 async def run(args) -> tuple[list[Result], float]:
-    rng = random.Random(0)
-    prompts = [rng.choice(CHAT_PROMPTS) for _ in range(args.requests)]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency, 1) + 8)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        if args.rate:  # open loop: arrivals do not wait for completions
-            tasks = []
-            for p in prompts:
-                tasks.append(asyncio.create_task(one_request(client, args, p)))
-                await asyncio.sleep(rng.expovariate(args.rate))
-            results = await asyncio.gather(*tasks)
-        else:  # closed loop: C workers, each sends its next request when the last one ends
-            queue = list(prompts)
-            results = []
+        return await drive(args, lambda p: one_request(client, args, p))
 
-            async def worker():
-                while queue:
-                    results.append(await one_request(client, args, queue.pop()))
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        return results, time.perf_counter() - start
+
+async def drive(args, send) -> tuple[list[Result], float]:
+    """The load: `send(prompt)` per request, closed loop with C workers or open loop at a Poisson rate."""
+    rng = random.Random(0)
+    prompts = [rng.choice(CHAT_PROMPTS) for _ in range(args.requests)]
+    await send(prompts[0])  # warm-up, off the clock
+    start = time.perf_counter()
+    if args.rate:  # open loop: arrivals do not wait for completions
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.create_task(send(p)))
+            await asyncio.sleep(rng.expovariate(args.rate))
+        results = await asyncio.gather(*tasks)
+    else:  # closed loop: C workers, each sends its next request when the last one ends
+        queue = list(prompts)
+        results = []
+
+        async def worker():
+            while queue:
+                results.append(await send(queue.pop()))
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    return results, time.perf_counter() - start
+
+
+async def one_offline(engine, args, prompt: str) -> Result:
+    from engine import SamplingParams
+
+    tok = engine.engine.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    res = Result(time.perf_counter())
+    async for out in engine.generate(text, params):
+        if out.outputs[0].delta_text:  # as the gateway sends a content chunk
+            res.chunk_times.append(time.perf_counter())
+        res.tokens = len(out.outputs[0].token_ids)
+    return res
+
+
+async def run_offline(args) -> tuple[list[Result], float]:
+    from engine import EngineConfig
+    from engine.async_engine import AsyncEngine
+
+    config = EngineConfig(model=args.model, quantization=args.quantization, max_num_seqs=max(args.concurrency, 1))
+    async with AsyncEngine.from_config(config) as engine:
+        return await drive(args, lambda p: one_offline(engine, args, p))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -108,8 +147,23 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    ap.add_argument("--gateway-cost", action="store_true",
+                    help="start `sluice serve`, then run the same load offline, and compare")
+    ap.add_argument("--quantization", default="auto", help="with --gateway-cost: Sluice's weight format")
     args = ap.parse_args()
-    results, seconds = asyncio.run(run(args))
+    if not args.gateway_cost:
+        report(args.url, args, *asyncio.run(run(args)))
+        return
+    with sluice_server(args) as url:
+        args.url = url
+        served = report(url, args, *asyncio.run(run(args)))
+    offline = report("offline AsyncEngine", args, *asyncio.run(run_offline(args)))
+    print(f"\ngateway cost: {100 * (1 - served / offline):+.1f}% output tokens/s "
+          f"(served {served:.1f}, offline {offline:.1f})")
+
+
+def report(where: str, args, results: list[Result], seconds: float) -> float:
+    """Print the latency table; return output tokens/s."""
     ok = [r for r in results if r.error is None and r.chunk_times]
     for r in results:
         if r.error:
@@ -117,12 +171,45 @@ def main() -> None:
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
     tokens = sum(r.tokens for r in ok)
     mode = f"Poisson {args.rate}/s" if args.rate else f"closed loop, {args.concurrency} streams"
-    print_table(f"{args.url}: {len(ok)}/{len(results)} ok, {mode}, max_tokens {args.max_tokens}",
+    print_table(f"{where}: {len(ok)}/{len(results)} ok, {mode}, max_tokens {args.max_tokens}",
                 ["metric", "p50", "p90", "p99"],
                 [["TTFT s", pct([r.ttft for r in ok], .5), pct([r.ttft for r in ok], .9), pct([r.ttft for r in ok], .99)],
                  ["TPOT ms", *(1e3 * pct([r.tpot for r in ok], q) for q in (.5, .9, .99))],
                  ["ITL ms", *(1e3 * pct(itl, q) for q in (.5, .9, .99))]])
     print(f"\nrequests/s {len(ok) / seconds:.2f}   output tokens/s {tokens / seconds:.1f}   ({seconds:.1f} s)")
+    return tokens / seconds
+
+
+@contextlib.contextmanager
+def sluice_server(args) -> Iterator[str]:
+    """`sluice serve` on a free loopback port, until the block ends (SIGTERM, as a user would stop it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", args.model, "--port", str(port),
+           "--quantization", args.quantization, "--max-num-seqs", str(max(args.concurrency, 1))]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sluice serve exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("sluice serve did not come up in 300 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":
