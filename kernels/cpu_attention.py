@@ -37,6 +37,7 @@ _SOURCE = r"""
 
 /* GCC vector extensions: AVX on x86, NEON on arm, without intrinsics */
 typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f r; memcpy(&r, p, sizeof r); return r; }
 
@@ -57,6 +58,43 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return r;
 }
 
+/* Eight dots at once, q against the rows k + r * stride (r < 8), with one transposing reduction for
+   all eight instead of eight horizontal sums. D % 8 == 0. */
+static inline v8f dot8(const float *q, const float *k, int64_t stride, int64_t D) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    for (int64_t d = 0; d < D; d += 8) {
+        const v8f x = load8(q + d);
+        a0 += x * load8(k + d);              a1 += x * load8(k + stride + d);
+        a2 += x * load8(k + 2 * stride + d); a3 += x * load8(k + 3 * stride + d);
+        a4 += x * load8(k + 4 * stride + d); a5 += x * load8(k + 5 * stride + d);
+        a6 += x * load8(k + 6 * stride + d); a7 += x * load8(k + 7 * stride + d);
+    }
+    const v8i ev = {0, 8, 2, 10, 4, 12, 6, 14}, od = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8f t01 = __builtin_shuffle(a0, a1, ev) + __builtin_shuffle(a0, a1, od);
+    const v8f t23 = __builtin_shuffle(a2, a3, ev) + __builtin_shuffle(a2, a3, od);
+    const v8f t45 = __builtin_shuffle(a4, a5, ev) + __builtin_shuffle(a4, a5, od);
+    const v8f t67 = __builtin_shuffle(a6, a7, ev) + __builtin_shuffle(a6, a7, od);
+    const v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8f u0 = __builtin_shuffle(t01, t23, lo) + __builtin_shuffle(t01, t23, hi);
+    const v8f u1 = __builtin_shuffle(t45, t67, lo) + __builtin_shuffle(t45, t67, hi);
+    const v8i first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+    return __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second);
+}
+
+/* o[0:D] += sum over j < n of p[j] * v[j * vstride : + D], o held in registers. D % 32 == 0. */
+static inline void add_weighted_rows(float *o, const float *p, const float *v, int64_t vstride, int64_t n,
+                                     int64_t D) {
+    for (int64_t d = 0; d < D; d += 32) {
+        v8f a0 = load8(o + d), a1 = load8(o + d + 8), a2 = load8(o + d + 16), a3 = load8(o + d + 24);
+        for (int64_t j = 0; j < n; ++j) {
+            const float *vr = v + j * vstride + d, pj = p[j];
+            a0 += pj * load8(vr); a1 += pj * load8(vr + 8); a2 += pj * load8(vr + 16); a3 += pj * load8(vr + 24);
+        }
+        memcpy(o + d, &a0, sizeof a0); memcpy(o + d + 8, &a1, sizeof a1);
+        memcpy(o + d + 16, &a2, sizeof a2); memcpy(o + d + 24, &a3, sizeof a3);
+    }
+}
+
 /* Causal attention of each request's new query rows over its cached context, read in place.
    q: [T, H, D] (row strides qs0, qs1; unit stride in D); request b owns rows qstart[b] .. + qlen[b] - 1,
    the last qlen[b] of its lens[b] positions; k, v: [NB, BS, KVH, D] contiguous; tables: [B, MB] int64;
@@ -75,7 +113,18 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *kb = k + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            for (int64_t j = 0; j < n; ++j) {
+            int64_t j = 0;
+            if (D % 8 == 0)  /* groups of eight positions; a row may get scores past its last one: never read */
+                for (; j + 8 <= n; j += 8)
+                    for (int64_t i = s0 + j > first ? s0 + j - first : 0; i < L; ++i) {
+                        const float *qi = q + (qstart[b] + i) * qs0;
+                        float *si = sc + i * H * S + s0 + j;
+                        for (int64_t h = 0; h < H; ++h) {
+                            const v8f r = dot8(qi + h * qs1, kb + (j * KVH + h / G) * D, KVH * D, D) * scale;
+                            memcpy(si + h * S, &r, sizeof r);
+                        }
+                    }
+            for (; j < n; ++j) {
                 const int64_t pos = s0 + j;
                 for (int64_t i = pos > first ? pos - first : 0; i < L; ++i) {  /* the rows that see pos */
                     const float *qi = q + (qstart[b] + i) * qs0;
@@ -100,14 +149,19 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *vb = v + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            for (int64_t j = 0; j < n; ++j) {
-                const int64_t pos = s0 + j;
-                for (int64_t i = pos > first ? pos - first : 0; i < L; ++i) {
-                    const float *si = sc + i * H * S;
-                    float *oi = out + (qstart[b] + i) * H * D;
-                    for (int64_t h = 0; h < H; ++h) {
-                        const float p = si[h * S + pos], *vr = vb + (j * KVH + h / G) * D;
-                        float *o = oi + h * D;
+            for (int64_t i = s0 > first ? s0 - first : 0; i < L; ++i) {  /* the rows that see the block */
+                const int64_t seen = first + i + 1 - s0 < n ? first + i + 1 - s0 : n;
+                const float *si = sc + i * H * S + s0;
+                float *oi = out + (qstart[b] + i) * H * D;
+                for (int64_t h = 0; h < H; ++h) {
+                    const float *vh = vb + (h / G) * D;
+                    float *o = oi + h * D;
+                    if (D % 32 == 0) {
+                        add_weighted_rows(o, si + h * S, vh, KVH * D, seen, D);
+                        continue;
+                    }
+                    for (int64_t j = 0; j < seen; ++j) {
+                        const float p = si[h * S + j], *vr = vh + j * KVH * D;
                         #pragma omp simd
                         for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
                     }

@@ -46,6 +46,8 @@ def _reference(q, k, v, meta) -> torch.Tensor:
     ([9, 21], dict(heads=8, kv_heads=1, head_dim=24)),
     ([7, 3, 10], dict(block_size=3)),
     ([300], dict(block_size=16, head_dim=64, heads=9, kv_heads=3)),
+    ([19, 8, 41], dict(block_size=8, head_dim=32)),  # 8-position dots and register-held outputs
+    ([29, 16], dict(block_size=16, head_dim=24, heads=6, kv_heads=3)),  # 8-position dots, plain outputs
 ])
 def test_decode_matches_the_torch_path(seq_lens, kw):
     q, k, v, meta = _case(seq_lens, [1] * len(seq_lens), **kw)
@@ -56,6 +58,7 @@ def test_decode_matches_the_torch_path(seq_lens, kw):
     ([9, 17, 6], [5, 2, 6], {}),  # drafts to verify; the last one's whole context is new
     ([40, 23], [8, 3], dict(block_size=16, head_dim=64, heads=9, kv_heads=3)),
     ([7, 12], [4, 1], dict(block_size=3, heads=8, kv_heads=1, head_dim=24)),
+    ([37, 20, 9], [8, 3, 9], dict(block_size=8, head_dim=32)),
 ])
 def test_short_multi_row_queries_are_causal_and_match_sdpa(seq_lens, q_lens, kw):
     q, k, v, meta = _case(seq_lens, q_lens, **kw)
