@@ -38,6 +38,11 @@ _SOURCE = r"""
 /* GCC vector extensions: AVX on x86, NEON on arm, without intrinsics */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
 
 static inline v8f load8(const float *p) { v8f r; memcpy(&r, p, sizeof r); return r; }
 
@@ -69,16 +74,14 @@ static inline v8f dot8(const float *q, const float *k, int64_t stride, int64_t D
         a4 += x * load8(k + 4 * stride + d); a5 += x * load8(k + 5 * stride + d);
         a6 += x * load8(k + 6 * stride + d); a7 += x * load8(k + 7 * stride + d);
     }
-    const v8i ev = {0, 8, 2, 10, 4, 12, 6, 14}, od = {1, 9, 3, 11, 5, 13, 7, 15};
-    const v8f t01 = __builtin_shuffle(a0, a1, ev) + __builtin_shuffle(a0, a1, od);
-    const v8f t23 = __builtin_shuffle(a2, a3, ev) + __builtin_shuffle(a2, a3, od);
-    const v8f t45 = __builtin_shuffle(a4, a5, ev) + __builtin_shuffle(a4, a5, od);
-    const v8f t67 = __builtin_shuffle(a6, a7, ev) + __builtin_shuffle(a6, a7, od);
-    const v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const v8f u0 = __builtin_shuffle(t01, t23, lo) + __builtin_shuffle(t01, t23, hi);
-    const v8f u1 = __builtin_shuffle(t45, t67, lo) + __builtin_shuffle(t45, t67, hi);
-    const v8i first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
-    return __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second);
+    /* pairwise sums of neighbouring lanes, then of lane pairs, then of the two 128-bit halves */
+    const v8f t01 = SHUFFLE(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t23 = SHUFFLE(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t45 = SHUFFLE(a4, a5, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(a4, a5, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f t67 = SHUFFLE(a6, a7, 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(a6, a7, 1, 9, 3, 11, 5, 13, 7, 15);
+    const v8f u0 = SHUFFLE(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8f u1 = SHUFFLE(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* o[0:D] += sum over j < n of p[j] * v[j * vstride : + D], o held in registers. D % 32 == 0. */
