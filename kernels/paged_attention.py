@@ -54,10 +54,6 @@ class AttentionMetadata:
         return max(b - a for a, b in zip(starts, starts[1:]))
 
     @functools.cached_property
-    def total_seq_len(self) -> int:
-        return sum(self.seq_lens_list)
-
-    @functools.cached_property
     def short_queries(self) -> ShortQueries | None:
         """The requests with at most cpu_attention.SHORT_QUERY new rows (decoding, verifying drafts,
         jump-forward tokens), for the CPU kernel; built once per step for every layer."""
