@@ -90,6 +90,7 @@ class EngineConfig:
     speculative: str = "none"  # draft proposer: "none", "ngram" (prompt lookup), "eagle" (draft head)
     speculative_model: str | None = None  # the EAGLE head's safetensors; None = the one shipped for smollm2
     num_speculative_tokens: int = 4  # drafts per request per step
-    speculative_max_batch: int = 4  # no drafting when more requests than this sample in a step
+    # no drafting when more requests than this sample in a step; None: 1 on CPU, 4 on a GPU
+    speculative_max_batch: int | None = None
     grammar_backend: str = "llguidance"  # structured output: "llguidance" or "outlines" (outlines-core)
     grammar_timeout_s: float = 5.0  # a grammar that compiles longer than this is refused

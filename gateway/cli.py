@@ -27,8 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: draft proposer (ngram = prompt lookup, eagle = draft head)")
     g.add_argument("--speculative-model", default=None, help="EAGLE head safetensors (default: the shipped one)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per request per step")
-    g.add_argument("--speculative-max-batch", type=int, default=4,
-                   help="no drafting when more requests than this decode in one step")
+    g.add_argument("--speculative-max-batch", type=int, default=None,
+                   help="no drafting when more requests than this decode in one step (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--grammar-backend", default="llguidance", choices=["llguidance", "outlines"],
                    help="structured output backend")
 

@@ -131,3 +131,12 @@ def test_sampled_outputs_are_valid_and_seeded_runs_repeat(llms):
     b = spec.generate(PROMPTS, params)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     assert all(len(o.outputs[0].token_ids) == 24 for o in a)
+
+
+def test_speculation_defaults_to_batch_one_on_cpu():
+    from engine import EngineConfig
+    from engine.llm_engine import speculative_max_batch
+
+    assert speculative_max_batch(EngineConfig(model="x")) == 1  # drafts stopped paying above it here
+    assert speculative_max_batch(EngineConfig(model="x", device="cuda")) == 4
+    assert speculative_max_batch(EngineConfig(model="x", speculative_max_batch=8)) == 8
