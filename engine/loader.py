@@ -68,22 +68,27 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto",
                quantization: str = "none") -> LoadedModel:
     start = time.perf_counter()
     source = resolve_model(name_or_path)
+    model, hf_config = build_model(source, device, dtype)
+    quantization = resolve_quantization(quantization, device)
+    outliers = _calibrate(model, source) if quantization == "int8" else None
+    model.pack_linears(quantization, progress=quantization != "none", outliers=outliers)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, model.config, hf_config, source, time.perf_counter() - start, quantization)
+
+
+def build_model(source: ModelSource, device: str = "cpu", dtype: str = "auto") -> tuple[LlamaForCausalLM, dict]:
+    """The model with its weights loaded, before any packing (linears still hold plain weights)."""
     hf_config, tensors = _read_source(source)
-    cfg = ModelConfig.from_hf(hf_config)
     torch_dtype = resolve_dtype(dtype, device, hf_config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(ModelConfig.from_hf(hf_config))
     model = model.to_empty(device=device)
     load_weights(model, tensors)
     model.tie_weights()
     model.set_attention_backend(attention_backend(device))
     model = model.to(torch_dtype)
     model.rope.build(device)  # fp32 tables, cast per use
-    quantization = resolve_quantization(quantization, device)
-    outliers = _calibrate(model, source) if quantization == "int8" else None
-    model.pack_linears(quantization, progress=quantization != "none", outliers=outliers)
-    model.eval().requires_grad_(False)
-    return LoadedModel(model, cfg, hf_config, source, time.perf_counter() - start, quantization)
+    return model, hf_config
 
 
 def _calibrate(model: LlamaForCausalLM, source: ModelSource) -> dict:

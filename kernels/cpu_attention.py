@@ -227,8 +227,9 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 # Queries up to this many rows per request go to the kernel; longer ones (prompt chunks) to SDPA.
 SHORT_QUERY = 8
-# Below this many (kv head x position x query row) dot rows a call runs on one thread: a parallel region costs a few
-# microseconds on an idle machine, and a whole scheduler slice whenever another process holds a core.
+# Below this many (kv head x position x query row) dots a call runs on one thread: a parallel region
+# costs a few microseconds on an idle machine, and a whole scheduler slice whenever another process
+# holds a core.
 _PARALLEL_MIN_ROWS = 8192
 
 

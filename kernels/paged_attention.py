@@ -101,7 +101,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     fast = cpu_attention.supports(q, k_cache)  # reads the blocks in place instead of gathering them
     if meta.is_decode_only and not fast:
         return _decode(q, k_cache, v_cache, meta, scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a strided view
     short = meta.short_queries if fast else None
     if short is not None:  # decoding, drafts and jump-forward tokens: one kernel call for all of them
         cpu_attention.cpu_paged_attention(q, k_cache, v_cache, short.block_tables, short.seq_lens,

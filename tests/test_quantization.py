@@ -87,7 +87,10 @@ def test_int8_scales_activations_per_token():
 def test_calibration_finds_an_injected_outlier_channel(tiny_llama_dir):
     from engine.calibration import input_absmax, outlier_channels
 
-    model = _unpacked(str(tiny_llama_dir))
+    from engine.default_model import resolve_model
+    from engine.loader import build_model
+
+    model = build_model(resolve_model(str(tiny_llama_dir)))[0].requires_grad_(False)
     ids = list(range(3, 40))
     down = model.layers[0].mlp.down_proj
     with torch.no_grad():
@@ -97,21 +100,6 @@ def test_calibration_finds_an_injected_outlier_channel(tiny_llama_dir):
     assert set(stats) == {m for m in model.modules() if isinstance(m, Linear)}
     assert stats[down].argmax().item() == 5
     assert 5 in outlier_channels(model, ids)[down].tolist()
-
-
-def _unpacked(folder: str):
-    """A loaded model whose linears still hold their fp32 weights (calibration runs before packing)."""
-    from engine.config import ModelConfig
-    from engine.loader import _read_source, load_weights
-    from engine.default_model import resolve_model
-    from engine.model import LlamaForCausalLM
-
-    hf_config, tensors = _read_source(resolve_model(folder))
-    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config))
-    load_weights(model, tensors)
-    model.tie_weights()
-    model.rope.build("cpu")
-    return model.eval().requires_grad_(False)
 
 
 def test_quantization_choices():
