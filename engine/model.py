@@ -5,13 +5,12 @@ Projections are fused (q/k/v as one matmul, gate/up as one) so a decode step run
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.linear import PACKERS, Linear
 from engine.rope import RotaryEmbedding, apply_rope
-from kernels import TORCH_BACKEND, AttentionBackend, AttentionMetadata
+from kernels import TORCH_BACKEND, AttentionBackend, AttentionMetadata, cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -21,7 +20,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return cpu_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of it): the residual add and the next norm in one pass."""
+        return cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -39,12 +42,16 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
-        qk_size = self.q_size + self.kv_size
-        # q and k sit side by side in qkv: rotate them with one call
-        qk = apply_rope(qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
-        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        if cpu_ops.rope_write_kv_supported(qkv, kv_cache[0], rope[0], meta.slot_mapping):
+            cpu_ops.rope_write_kv(qkv, *rope, *kv_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+            q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)  # rotated in place
+        else:
+            qk_size = self.q_size + self.kv_size
+            # q and k sit side by side in qkv: rotate them with one call
+            qk = apply_rope(qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
+            v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
+            self.backend.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
@@ -57,8 +64,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -70,8 +76,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x: [T, hidden], the residual stream
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), rope, kv_cache,
+                                                                             meta))
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -4,30 +4,18 @@ C kernel compiled on first use.
 Torch has no paged attention on CPU: the torch path gathers every request's blocks into a padded
 copy, then runs SDPA over it, so each layer moves the whole batch's KV twice and pads every request to
 the longest. This kernel reads keys and values straight from the block table, once, in place; it is
-what llama.cpp and vLLM's CPU backend do in C++. It is built with the system C compiler into
-$SLUICE_HOME/kernels (about a second, once) and called through ctypes, which releases the GIL for the
-call; without a compiler, or with SLUICE_CPU_KERNELS=0, the torch path runs instead. Long queries
-(prompt chunks) go to torch's flash SDPA, which tiles them better.
-
-Threads: the kernel uses OpenMP from the libgomp torch has already loaded (same soname), so it shares
-torch's thread pool instead of starting a second one.
+what llama.cpp and vLLM's CPU backend do in C++. kernels/cpu_build.py compiles it on first use; without
+a compiler the torch path runs instead. Long queries (prompt chunks) go to torch's flash SDPA, which
+tiles them better.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger("sluice.kernels")
+from kernels import cpu_build
 
 _SOURCE = r"""
 #include <math.h>
@@ -175,45 +163,16 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
     }
 }
 """
-# no -ffast-math (the softmax relies on -inf); -fno-math-errno lets expf vectorise through libmvec
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot be built (no compiler, not x86/arm Linux, disabled)."""
-    if os.environ.get("SLUICE_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler: CPU decode attention uses the torch path")
-        return None
-    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + platform.machine()).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("SLUICE_HOME", Path.home() / ".cache" / "sluice"))
-    target = home / "kernels" / f"paged_attention_{digest}.so"
-    try:
-        if not target.exists():
-            _compile(compiler, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        log.warning("CPU attention kernel unavailable (%s): using the torch path", exc)
-        return None
-    fn = lib.paged_attention_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
-                   ctypes.c_int]
-    fn.restype = None
+    """The compiled kernel, or None where it cannot be built (see kernels/cpu_build.py)."""
+    lib = cpu_build.load("paged_attention", _SOURCE)
+    if lib is not None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.paged_attention_f32.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64,
+                                            i64, i64, ctypes.c_float, ctypes.c_int]
+        lib.paged_attention_f32.restype = None
     return lib
-
-
-def _compile(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "paged_attention.c", Path(tmp) / target.name
-        src.write_text(_SOURCE)
-        subprocess.run([compiler, *_FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
 
 
 def available() -> bool:

@@ -1,0 +1,178 @@
+"""A decoder layer's small ops on CPU in C: RMSNorm (with the residual add fused in), SiLU-and-mul, and
+rotary embedding fused with the KV-cache write, as vLLM's CPU backend has them in C++.
+
+Why: at one decode row, each torch op here costs 10-50 us of dispatch and threading for a few
+microseconds of work (an fp32 RMSNorm of 576 values took 25 us), and a layer ran about fifteen of
+them. These run in one ctypes call each. Every function has a torch path, taken on GPU, in other
+dtypes, for non-contiguous tensors, or where the C library cannot be built (kernels/cpu_build.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_build
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* y = x / rms(x) * w for each of T rows of N; rows of x at stride xs, y contiguous. */
+static inline void norm_row(const float *x, const float *w, float *y, int64_t N, float eps) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t i = 0; i < N; ++i) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)N + eps);
+    #pragma omp simd
+    for (int64_t i = 0; i < N; ++i) y[i] = x[i] * r * w[i];
+}
+
+void rms_norm_f32(const float *x, int64_t xs, const float *w, float *y, int64_t T, int64_t N, float eps,
+                  int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) norm_row(x + t * xs, w, y + t * N, N, eps);
+}
+
+/* s = x + d (the residual stream), y = rms_norm(s) * w; all [T, N] contiguous. */
+void add_rms_norm_f32(const float *x, const float *d, const float *w, float *s, float *y, int64_t T,
+                      int64_t N, float eps, int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * N, *dt = d + t * N;
+        float *st = s + t * N;
+        #pragma omp simd
+        for (int64_t i = 0; i < N; ++i) st[i] = xt[i] + dt[i];
+        norm_row(st, w, y + t * N, N, eps);
+    }
+}
+
+/* out[t] = silu(gu[t, :I]) * gu[t, I:]; gu: [T, 2I], out: [T, I], contiguous. */
+void silu_and_mul_f32(const float *gu, float *out, int64_t T, int64_t I, int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        #pragma omp simd
+        for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* qkv: [T, (H + 2 KVH) * D] contiguous, q then k then v heads. Rotates the q and k heads in place
+   (rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)) with cos, sin: [T, D/2], then
+   copies each token's k and v heads to its cache slot: caches [slots, KVH, D]; slot < 0: not written. */
+void rope_write_kv_f32(float *qkv, const float *cos_t, const float *sin_t, const int64_t *slots, float *kc,
+                       float *vc, int64_t T, int64_t H, int64_t KVH, int64_t D, int threads) {
+    const int64_t half = D / 2, width = (H + 2 * KVH) * D;
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        float *row = qkv + t * width;
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < H + KVH; ++h) {
+            float *x1 = row + h * D, *x2 = x1 + half;
+            #pragma omp simd
+            for (int64_t i = 0; i < half; ++i) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+        if (slots[t] >= 0) {
+            memcpy(kc + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
+            memcpy(vc + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
+        }
+    }
+}
+"""
+
+# Below this many elements a call runs on one thread: a parallel region costs more than the work.
+_PARALLEL_MIN = 1 << 16
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_build.load("layer_ops", _SOURCE)
+    if lib is None:
+        return None
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "rms_norm_f32": [ptr, i64, ptr, ptr, i64, i64, f32, i32],
+        "add_rms_norm_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32],
+        "silu_and_mul_f32": [ptr, ptr, i64, i64, i32],
+        "rope_write_kv_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _fast(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, if every tensor is a CPU fp32 one with unit stride in its last dimension."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
+            return None
+    return _library()
+
+
+def _threads(elements: int) -> int:
+    return torch.get_num_threads() if elements >= _PARALLEL_MIN else 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, N] -> [T, N]
+    lib = _fast(x, weight)
+    if lib is None or x.dim() != 2 or not weight.is_contiguous():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    t, n = x.shape
+    y = torch.empty((t, n), dtype=x.dtype)
+    lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), t, n, eps, _threads(t * n))
+    return y
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = x + delta, the new residual stream, and y = rms_norm(s) * weight. x, delta: [T, N]."""
+    lib = _fast(x, delta, weight)
+    if lib is None or x.dim() != 2 or not (x.is_contiguous() and delta.is_contiguous() and weight.is_contiguous()):
+        s = x + delta
+        return s, F.rms_norm(s, (s.shape[-1],), weight, eps)
+    t, n = x.shape
+    s, y = torch.empty((t, n), dtype=x.dtype), torch.empty((t, n), dtype=x.dtype)
+    lib.add_rms_norm_f32(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(), t, n, eps,
+                         _threads(t * n))
+    return s, y
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up: [T, 2I] -> silu(gate) * up: [T, I]
+    t, i2 = gate_up.shape
+    lib = _fast(gate_up)
+    if lib is None or not gate_up.is_contiguous():
+        gate, up = gate_up.split(i2 // 2, dim=-1)
+        return F.silu(gate) * up
+    out = torch.empty((t, i2 // 2), dtype=gate_up.dtype)
+    lib.silu_and_mul_f32(gate_up.data_ptr(), out.data_ptr(), t, i2 // 2, _threads(t * i2))
+    return out
+
+
+def rope_write_kv_supported(qkv: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> bool:
+    return (_fast(qkv, k_cache, cos) is not None and qkv.is_contiguous() and k_cache.is_contiguous()
+            and cos.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous())
+
+
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+    """Rotates q and k inside qkv [T, (H + 2 KVH) * D] in place and writes k and v to their cache slots.
+    cos, sin: [T, ..., D/2] contiguous; caches: [NB, BS, KVH, D] (both contiguous); slot_mapping: [T] int64.
+    Callers check `rope_write_kv_supported` first."""
+    assert v_cache.is_contiguous() and sin.is_contiguous()
+    lib = _library()
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    lib.rope_write_kv_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                          k_cache.data_ptr(), v_cache.data_ptr(), t, num_heads, num_kv_heads, d,
+                          _threads(qkv.numel()))

@@ -1,0 +1,66 @@
+"""The C layer ops (kernels/cpu_ops.py) against their torch definitions, on one and many threads."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.rope import RotaryEmbedding, apply_rope
+from kernels import cpu_ops, write_kv
+
+pytestmark = pytest.mark.skipif(cpu_ops._library() is None, reason="no C compiler: the torch paths are used")
+
+ROWS = [1, 7, 300]  # 300 x 576 crosses the threshold for a parallel call
+
+
+@pytest.mark.parametrize("t", ROWS)
+def test_rms_norm_and_add_rms_norm(t):
+    gen = torch.Generator().manual_seed(t)
+    x, d = torch.randn(t, 576, generator=gen) * 3, torch.randn(t, 576, generator=gen)
+    w = torch.rand(576, generator=gen) + 0.5
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
+    s, y = cpu_ops.add_rms_norm(x, d, w, 1e-5)
+    torch.testing.assert_close(s, x + d)
+    torch.testing.assert_close(y, F.rms_norm(x + d, (576,), w, 1e-5))
+
+
+def test_rms_norm_reads_a_strided_view():
+    x = torch.randn(5, 1000)[:, 100:676]  # rows 1000 apart
+    w = torch.rand(576)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (576,), w, 1e-6))
+
+
+@pytest.mark.parametrize("t", ROWS)
+def test_silu_and_mul(t):
+    gu = torch.randn(t, 2 * 1536, generator=torch.Generator().manual_seed(t)) * 4
+    gate, up = gu.split(1536, dim=-1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gu), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("t", ROWS)
+def test_rope_write_kv_matches_rope_then_write(t):
+    h, kvh, d, bs, nb = 9, 3, 64, 16, 40
+    gen = torch.Generator().manual_seed(t)
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen)
+    positions = torch.randint(0, 2048, (t,), generator=gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:t]
+    cos, sin = RotaryEmbedding(d, 2048, 10000.0, None).lookup(positions, torch.float32)
+    caches = [torch.zeros(nb, bs, kvh, d) for _ in range(4)]
+
+    qk = apply_rope(qkv[:, :(h + kvh) * d].view(t, h + kvh, d), cos, sin)
+    write_kv(qk[:, h:], qkv[:, (h + kvh) * d:].view(t, kvh, d), caches[0], caches[1], slots)
+    assert cpu_ops.rope_write_kv_supported(qkv, caches[2], cos, slots)
+    cpu_ops.rope_write_kv(qkv, cos, sin, caches[2], caches[3], slots, h, kvh)
+
+    torch.testing.assert_close(qkv[:, :h * d].view(t, h, d), qk[:, :h])  # q rotated in place
+    torch.testing.assert_close(caches[2], caches[0])
+    torch.testing.assert_close(caches[3], caches[1])
+
+
+def test_torch_paths_for_other_dtypes_and_layouts():
+    x = torch.randn(3, 64, dtype=torch.float64)
+    w = torch.rand(64, dtype=torch.float64)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5))
+    gu = torch.randn(2, 24).half()
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gu), F.silu(gu[:, :12]) * gu[:, 12:])
+    cos = torch.zeros(3, 1, 4)
+    assert not cpu_ops.rope_write_kv_supported(torch.zeros(3, 40).t(), torch.zeros(2, 4, 1, 8), cos,
+                                               torch.zeros(3, dtype=torch.int64))
