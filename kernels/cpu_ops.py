@@ -4,7 +4,7 @@ rotary embedding fused with the KV-cache write, as vLLM's CPU backend has them i
 Why: at one decode row, each torch op here costs 10-50 us of dispatch and threading for a few
 microseconds of work (an fp32 RMSNorm of 576 values took 25 us), and a layer ran about fifteen of
 them. These run in one ctypes call each. Every function has a torch path, taken on GPU, in other
-dtypes, for non-contiguous tensors, or where the C library cannot be built (kernels/cpu_build.py).
+dtypes, for non-contiguous tensors, under autograd, or where the C library cannot be built (kernels/cpu_build.py).
 """
 from __future__ import annotations
 
@@ -111,9 +111,11 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _fast(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The library, if every tensor is a CPU fp32 one with unit stride in its last dimension."""
+    """The library, if every tensor is a CPU fp32 one with unit stride in its last dimension and
+    nothing needs gradients (training the EAGLE head runs these layers under autograd)."""
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 or (grad and t.requires_grad):
             return None
     return _library()
 

@@ -64,3 +64,10 @@ def test_torch_paths_for_other_dtypes_and_layouts():
     cos = torch.zeros(3, 1, 4)
     assert not cpu_ops.rope_write_kv_supported(torch.zeros(3, 40).t(), torch.zeros(2, 4, 1, 8), cos,
                                                torch.zeros(3, dtype=torch.int64))
+
+
+def test_autograd_takes_the_torch_path():
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.rand(64, requires_grad=True)
+    cpu_ops.silu_and_mul(cpu_ops.rms_norm(x, w, 1e-5)).sum().backward()
+    assert x.grad is not None and w.grad is not None
