@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kernels import cpu_ops
+
 Kernel = Callable[[torch.Tensor, object, torch.Tensor | None], torch.Tensor]
 
 
@@ -45,16 +47,11 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
     # (|x| up to ~2000 into some down projections) and some tokens far larger than others, so the
     # outlier channels found at load go through an fp32 matmul, and rows are scaled to max |x| = 1
     # first (per-token precision; scaling a row commutes with the matmul).
-    outliers = None
-    if len(w.outliers):
-        outliers = torch.index_select(x, 1, w.outliers)  # [T, k]
-        x = x * w.inlier_mask
-    if x.shape[0] == 1:  # one row: the per-tensor scale already is per token
-        y = torch.ops.quantized.linear_dynamic(x, w.packed, True)  # [1, out]
-    else:
-        scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [T, 1]
-        x = x.div_(scale) if outliers is not None else x / scale  # never write into the caller's tensor
-        y = torch.ops.quantized.linear_dynamic(x, w.packed, True).mul_(scale)  # [T, out]
+    # (one row: fbgemm's per-tensor scale already is per token)
+    x, outliers, scale = cpu_ops.int8_prepare(x, w.outliers, w.inlier_mask, scale_rows=x.shape[0] > 1)
+    y = torch.ops.quantized.linear_dynamic(x, w.packed, True)  # [T, out]
+    if scale is not None:
+        y = y.mul_(scale)
     if outliers is not None:
         y = y.addmm_(outliers, w.outlier_weight_t)
     return y if bias is None else y.add_(bias)

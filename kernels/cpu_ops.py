@@ -86,6 +86,28 @@ void rope_write_kv_f32(float *qkv, const float *cos_t, const float *sin_t, const
         }
     }
 }
+
+/* The input of an int8 linear (engine/linear.py): o [T, K] gathers the outlier channels idx; y = x with
+   them zeroed (mask: 0 there, 1 elsewhere) and each row divided by its max |y|, kept in scale [T].
+   x rows at stride xs; y, o contiguous. */
+void int8_prepare_f32(const float *x, int64_t xs, const float *mask, const int64_t *idx, int64_t K, float *y,
+                      float *o, float *scale, int64_t T, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * xs;
+        float *yt = y + t * N, mx = 0.f;
+        #pragma omp simd reduction(max:mx)
+        for (int64_t i = 0; i < N; ++i) {
+            yt[i] = xt[i] * mask[i];
+            mx = fabsf(yt[i]) > mx ? fabsf(yt[i]) : mx;
+        }
+        for (int64_t j = 0; j < K; ++j) o[t * K + j] = xt[idx[j]];
+        mx = mx > 1e-12f ? mx : 1e-12f;
+        scale[t] = mx;
+        #pragma omp simd
+        for (int64_t i = 0; i < N; ++i) yt[i] /= mx;
+    }
+}
 """
 
 # Below this many elements a call runs on one thread: a parallel region costs more than the work.
@@ -103,6 +125,7 @@ def _library() -> ctypes.CDLL | None:
         "add_rms_norm_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32],
         "silu_and_mul_f32": [ptr, ptr, i64, i64, i32],
         "rope_write_kv_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32],
+        "int8_prepare_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -115,7 +138,7 @@ def _fast(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     nothing needs gradients (training the EAGLE head runs these layers under autograd)."""
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 or (grad and t.requires_grad):
+        if not t.is_cpu or t.dtype != torch.float32 or t.stride(-1) != 1 or (grad and t.requires_grad):
             return None
     return _library()
 
@@ -130,7 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if lib is None or x.dim() != 2 or not weight.is_contiguous():
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     t, n = x.shape
-    y = torch.empty((t, n), dtype=x.dtype)
+    y = torch.empty(t, n)
     lib.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), t, n, eps, _threads(t * n))
     return y
 
@@ -143,7 +166,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
         s = x + delta
         return s, F.rms_norm(s, (s.shape[-1],), weight, eps)
     t, n = x.shape
-    s, y = torch.empty((t, n), dtype=x.dtype), torch.empty((t, n), dtype=x.dtype)
+    s, y = torch.empty(t, n), torch.empty(t, n)
     lib.add_rms_norm_f32(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), s.data_ptr(), y.data_ptr(), t, n, eps,
                          _threads(t * n))
     return s, y
@@ -156,7 +179,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if lib is None or not gate_up.is_contiguous():
         gate, up = gate_up.split(i2 // 2, dim=-1)
         return F.silu(gate) * up
-    out = torch.empty((t, i2 // 2), dtype=gate_up.dtype)
+    out = torch.empty(t, i2 // 2)
     lib.silu_and_mul_f32(gate_up.data_ptr(), out.data_ptr(), t, i2 // 2, _threads(t * i2))
     return out
 
@@ -178,3 +201,25 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cac
     lib.rope_write_kv_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
                           k_cache.data_ptr(), v_cache.data_ptr(), t, num_heads, num_kv_heads, d,
                           _threads(qkv.numel()))
+
+
+def int8_prepare(x: torch.Tensor, outliers: torch.Tensor, inlier_mask: torch.Tensor,
+                 scale_rows: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, o, scale) for an int8 linear's input x [T, N]: o [T, K] = x's outlier channels (None if
+    there are none), y = x with them zeroed and, if scale_rows, each row divided by scale [T, 1], its
+    max |y| (else scale is None). Never writes into x."""
+    lib = _fast(x, inlier_mask) if scale_rows else None  # one row: two torch ops cost less than a C call
+    if lib is None or x.dim() != 2:
+        o = torch.index_select(x, 1, outliers) if len(outliers) else None
+        y = x * inlier_mask if o is not None else x
+        if not scale_rows:
+            return y, o, None
+        scale = y.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # [T, 1]
+        return y / scale, o, scale
+    t, n = x.shape
+    y, o = torch.empty(t, n), torch.empty(t, len(outliers))
+    scale = torch.empty(t, 1)
+    lib.int8_prepare_f32(x.data_ptr(), x.stride(0), inlier_mask.data_ptr(), outliers.data_ptr(), len(outliers),
+                         y.data_ptr(), o.data_ptr(), scale.data_ptr(), t, n,
+                         _threads(t * n))
+    return y, (o if len(outliers) else None), scale

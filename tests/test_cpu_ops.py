@@ -71,3 +71,25 @@ def test_autograd_takes_the_torch_path():
     w = torch.rand(64, requires_grad=True)
     cpu_ops.silu_and_mul(cpu_ops.rms_norm(x, w, 1e-5)).sum().backward()
     assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("k", [0, 3])
+def test_int8_prepare_matches_its_torch_path(t, k):
+    gen = torch.Generator().manual_seed(t + k)
+    x = torch.randn(t, 200, generator=gen)
+    outliers = torch.randperm(200, generator=gen)[:k]
+    mask = torch.ones(200).index_fill_(0, outliers, 0.0)
+    for scale_rows in (False, True):
+        y, o, scale = cpu_ops.int8_prepare(x, outliers, mask, scale_rows)
+        y_ref = x * mask
+        if scale_rows:
+            torch.testing.assert_close(scale, y_ref.abs().amax(dim=1, keepdim=True))
+            y_ref = y_ref / scale
+        else:
+            assert scale is None
+        torch.testing.assert_close(y, y_ref)
+        if k:
+            torch.testing.assert_close(o, x[:, outliers])
+        else:
+            assert o is None
