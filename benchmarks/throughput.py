@@ -4,7 +4,7 @@
 
 Sluice runs every request concurrently (continuous batching); transformers runs them one at a
 time (on the first --hf-single requests, to keep the run short) and in static, padded batches of 16,
-each best of --hf-repeats runs.
+each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, int8).
 Output tokens/s counts only the tokens each request asked for.
 """
 from __future__ import annotations
@@ -83,6 +83,10 @@ def _kv_slots(engine: LLMEngine) -> tuple[int, int, int]:
     return held, sum(per_request), assigned
 
 
+def _format(quantization: str) -> str:
+    return "fp32" if quantization == "none" else quantization
+
+
 def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda r: r["tok_s"])
 
@@ -126,14 +130,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed Sluice rounds per configuration (best kept)")
     ap.add_argument("--quantization", default="none", choices=["none", "fp16", "int8"],
                     help="Sluice's weight format; the targets of the engine issue are in exact fp32 (none)")
+    ap.add_argument("--also", nargs="*", default=["fp16", "int8"], choices=["fp16", "int8"],
+                    help="other CPU weight formats to run on the same workload (prefix caching on)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, the checkpoint's dtype on CUDA")
     args = ap.parse_args()
 
-    def engine(caching: bool) -> LLMEngine:
+    def engine(caching: bool, quantization: str = args.quantization) -> LLMEngine:
         return LLMEngine(EngineConfig(model=args.model, max_num_seqs=args.requests, kv_cache_memory=1 << 30,
                                       enable_prefix_caching=caching, max_num_batched_tokens=512,
-                                      quantization=args.quantization, device=args.device, dtype=args.dtype))
+                                      quantization=quantization, device=args.device, dtype=args.dtype))
 
     eng, eng_off = engine(True), engine(False)
     jobs = workload(args.requests, eng.model_config.vocab_size)
@@ -160,6 +166,15 @@ def main() -> None:
               f"{len(ons)} paired rounds), {100 * book:+.2f}% in scheduler/block-manager time",
               f"KV waste counting the slot of each request's sampled token (KV written next step) as used: "
               f"{waste_pct(ons, 'assigned'):.2f}% (caching on), {waste_pct(offs, 'assigned'):.2f}% (off)"]
+    for quantization in args.also if args.device == "cpu" else []:
+        other = engine(True, quantization)
+        run_sluice(other, warm)
+        runs = [run_sluice(other, jobs if r == 0 else workload(args.requests, vocab, seed=r))
+                for r in range(args.rounds)]
+        rows.append(row(f"sluice {quantization} (prefix caching on)", best(runs), runs))
+        ratios.append(f"sluice {quantization} vs sluice {_format(args.quantization)}: "
+                      f"{best(runs)['tok_s'] / on['tok_s']:.2f}x")
+        del other
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
@@ -173,7 +188,7 @@ def main() -> None:
                    f"sluice vs transformers static batch 16: {on['tok_s'] / static:.2f}x"]
     where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else f"{args.device}, {eng.runner.dtype}"
     print_table(f"{args.requests} concurrent requests, prompts 16-256, outputs 32-160 tokens, greedy, "
-                f"sluice linears: {'fp32' if args.quantization == 'none' else args.quantization}, {where}",
+                f"sluice linears: {_format(args.quantization)} unless named, {where}",
                 header, rows)
     print("\n".join(ratios))
 
