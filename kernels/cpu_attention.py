@@ -17,22 +17,12 @@ import torch
 
 from kernels import cpu_build
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* GCC vector extensions: AVX on x86, NEON on arm, without intrinsics */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
+_SOURCE = cpu_build.PRELUDE + r"""
 #ifdef __clang__
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
 #endif
-
-static inline v8f load8(const float *p) { v8f r; memcpy(&r, p, sizeof r); return r; }
 
 /* Four independent accumulators: one would chain every FMA on the last one's latency. */
 static inline float dot(const float *a, const float *b, int64_t D) {
@@ -128,10 +118,17 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t i = 0; i < L; ++i) {
             const int64_t len = first + i + 1;
             for (int64_t h = 0; h < H; ++h) {
-                float *row = sc + (i * H + h) * S, mx = -INFINITY, sum = 0.f;
+                const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+                float *row = sc + (i * H + h) * S, mx = -INFINITY;
                 for (int64_t s = 0; s < len; ++s) mx = row[s] > mx ? row[s] : mx;
-                #pragma omp simd reduction(+:sum)
-                for (int64_t s = 0; s < len; ++s) { row[s] = expf(row[s] - mx); sum += row[s]; }
+                v8f acc = {0};
+                for (int64_t s = 0; s < len; s += 8) {
+                    const int64_t n = len - s < 8 ? len - s : 8;
+                    const v8f e = exp8(load_n(row + s, n) - mx);
+                    store_n(row + s, e, n);
+                    acc += n == 8 ? e : (v8f)((v8i)e & (lanes < (int)n));  /* the lanes past len add nothing */
+                }
+                const float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
                 const float inv = sum > 0.f ? 1.f / sum : 0.f;
                 for (int64_t s = 0; s < len; ++s) row[s] *= inv;
             }

@@ -16,11 +16,7 @@ import torch.nn.functional as F
 
 from kernels import cpu_build
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
+_SOURCE = cpu_build.PRELUDE + r"""
 /* y = x / rms(x) * w for each of T rows of N; rows of x at stride xs, y contiguous. */
 static inline void norm_row(const float *x, const float *w, float *y, int64_t N, float eps) {
     float ss = 0.f;
@@ -56,8 +52,11 @@ void silu_and_mul_f32(const float *gu, float *out, int64_t T, int64_t I, int thr
     for (int64_t t = 0; t < T; ++t) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *o = out + t * I;
-        #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (int64_t i = 0; i < I; i += 8) {
+            const int64_t n = I - i < 8 ? I - i : 8;
+            const v8f gi = load_n(g + i, n);
+            store_n(o + i, gi / (1.f + exp8(-gi)) * load_n(u + i, n), n);
+        }
     }
 }
 
