@@ -35,6 +35,13 @@ def test_silu_and_mul(t):
     torch.testing.assert_close(cpu_ops.silu_and_mul(gu), F.silu(gate) * up)
 
 
+def test_silu_and_mul_far_out_and_in_a_ragged_tail():
+    # exp's clamped range, and 13 columns: one full eight-lane chunk, then five lanes
+    gate = torch.tensor([[-200.0, -90.0, -87.5, -20.0, -1e-3, 0.0, 1e-3, 0.5, 20.0, 87.5, 90.0, 200.0, 3.0]])
+    gu = torch.cat([gate, torch.full_like(gate, 1.5)], dim=1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(gu), F.silu(gate) * 1.5)
+
+
 @pytest.mark.parametrize("t", ROWS)
 def test_rope_write_kv_matches_rope_then_write(t):
     h, kvh, d, bs, nb = 9, 3, 64, 16, 40
