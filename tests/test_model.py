@@ -6,6 +6,7 @@ import torch
 
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from kernels import cpu_attention, cpu_ops
 from tests.helpers import scheduled, step_logits
 
 BLOCK_SIZE = 4  # smaller than the prompts, so every request spans several blocks
@@ -19,8 +20,12 @@ def _hf_logits(folder, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0]
 
 
+@pytest.mark.parametrize("kernels", ["c", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_prompt_and_decode_match_transformers(arch, tiny_llama_dir, tiny_qwen2_dir):
+def test_prompt_and_decode_match_transformers(arch, kernels, tiny_llama_dir, tiny_qwen2_dir, monkeypatch):
+    if kernels == "torch":  # the paths GPUs and machines without a C compiler take
+        monkeypatch.setattr(cpu_ops, "_library", lambda: None)
+        monkeypatch.setattr(cpu_attention, "_library", lambda: None)
     folder = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
     loaded = load_model(str(folder))
     assert loaded.config.attention_bias == (arch == "qwen2")
