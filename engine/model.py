@@ -77,8 +77,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, kv_cache, meta):
         # x: [T, hidden], the residual stream
-        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), rope, kv_cache,
-                                                                             meta))
+        h = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, h)
         return x + self.mlp(h)
 
 

@@ -160,6 +160,8 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
     }
 }
 """
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (see kernels/cpu_build.py)."""

@@ -20,7 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger("sluice.kernels")
 
-# no -ffast-math (the softmax relies on -inf); -fno-math-errno lets expf vectorise through libmvec
+# no -ffast-math: the attention softmax starts from -inf, and a shared library built with it flushes
+# denormals for the whole process
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 
