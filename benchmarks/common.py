@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+from engine.tokenizer import render_chat
+
 CHAT_PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain how a hash map works, with an example in Python.",
@@ -13,8 +15,8 @@ CHAT_PROMPTS = [
 
 
 def chat_prompt(tokenizer, text: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    """One user turn in the model's chat template, as the gateway renders it."""
+    return render_chat(tokenizer, [{"role": "user", "content": text}])
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

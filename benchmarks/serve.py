@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CHAT_PROMPTS, print_table  # noqa: E402
+from benchmarks.common import CHAT_PROMPTS, chat_prompt, print_table  # noqa: E402
 
 
 @dataclass
@@ -112,8 +112,7 @@ async def drive(args, send) -> tuple[list[Result], float]:
 async def one_offline(engine, args, prompt: str) -> Result:
     from engine import SamplingParams
 
-    tok = engine.engine.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    text = chat_prompt(engine.engine.tokenizer, prompt)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     res = Result(time.perf_counter())
     async for out in engine.generate(text, params):

@@ -142,17 +142,17 @@ def main() -> None:
                                       quantization=quantization, device=args.device, dtype=args.dtype))
 
     eng, eng_off = engine(True), engine(False)
-    jobs = workload(args.requests, eng.model_config.vocab_size)
+    vocab = eng.model_config.vocab_size
     # Warm both, then interleave rounds, alternating which goes first, and keep each one's best: the
     # machine is shared and noisy. Fresh prompts each round, so the prefix cache never hits (the cost of
-    # caching when nothing hits).
-    warm = workload(2, eng.model_config.vocab_size, seed=99)
+    # caching when nothing hits); every configuration runs the same rounds.
+    rounds = [workload(args.requests, vocab, seed=r) for r in range(args.rounds)]
+    jobs = rounds[0]
+    warm = workload(2, vocab, seed=99)
     run_sluice(eng, warm)
     run_sluice(eng_off, warm)
-    vocab = eng.model_config.vocab_size
     ons, offs = [], []
-    for r in range(args.rounds):
-        w = jobs if r == 0 else workload(args.requests, vocab, seed=r)
+    for r, w in enumerate(rounds):
         for caching in ((True, False) if r % 2 == 0 else (False, True)):
             (ons if caching else offs).append(run_sluice(eng if caching else eng_off, w))
     on, off = best(ons), best(offs)
@@ -169,8 +169,7 @@ def main() -> None:
     for quantization in args.also if args.device == "cpu" else []:
         other = engine(True, quantization)
         run_sluice(other, warm)
-        runs = [run_sluice(other, jobs if r == 0 else workload(args.requests, vocab, seed=r))
-                for r in range(args.rounds)]
+        runs = [run_sluice(other, w) for w in rounds]
         rows.append(row(f"sluice {quantization} (prefix caching on)", best(runs), runs))
         ratios.append(f"sluice {quantization} vs sluice {_format(args.quantization)}: "
                       f"{best(runs)['tok_s'] / on['tok_s']:.2f}x")

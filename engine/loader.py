@@ -94,11 +94,11 @@ def build_model(source: ModelSource, device: str = "cpu", dtype: str = "auto") -
 def _calibrate(model: LlamaForCausalLM, source: ModelSource) -> dict:
     """int8's outlier channels, from one forward over the calibration chat."""
     from engine.calibration import CALIBRATION_CHAT, outlier_channels
-    from engine.tokenizer import encode_prompt, load_tokenizer
+    from engine.tokenizer import encode_prompt, load_tokenizer, render_chat
 
     tokenizer = load_tokenizer(source)
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(CALIBRATION_CHAT, tokenize=False)
+        text = render_chat(tokenizer, CALIBRATION_CHAT, add_generation_prompt=False)
     else:
         text = "\n".join(turn["content"] for turn in CALIBRATION_CHAT)
     return outlier_channels(model, encode_prompt(tokenizer, text))
