@@ -171,11 +171,12 @@ class EagleHead(nn.Module):
 
 
 def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatures: list[float], vocab_size: int,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """One draft token per row: argmax where the temperature is 0, else d ~ q = softmax(logits / T).
 
-    logits: [R, N] over the draft vocabulary. Returns the drafts as target ids [R] and, per row, q
-    scattered into the full vocabulary [V] (zero outside the draft vocabulary), or None when greedy.
+    logits: [R, N] over the draft vocabulary. Returns the drafts as target ids [R]; per row, q scattered
+    into the full vocabulary [V] (zero outside the draft vocabulary), or None when greedy; and the head's
+    confidence in each draft, softmax(logits)[d] [R] (EAGLE-2 found it tracks the chance of acceptance).
     """
     picks = logits.argmax(dim=-1)  # [R]
     probs: list[torch.Tensor | None] = [None] * len(temperatures)
@@ -188,7 +189,8 @@ def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatu
         q.index_copy_(1, draft_vocab, q_small)
         for i, r in enumerate(sampled):
             probs[r] = q[i]
-    return draft_vocab[picks], probs
+    confidence = torch.softmax(logits, dim=-1).gather(1, picks[:, None]).squeeze(1)  # [R]
+    return draft_vocab[picks], probs, confidence
 
 
 def _slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -199,15 +201,31 @@ def _slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tens
     return block_tables[rows, blocks] * block_size + positions % block_size
 
 
+def _decode_metadata(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> AttentionMetadata:
+    # one query row per block-table row, at `positions` [P]
+    n = len(positions)
+    seq_lens = [p + 1 for p in positions.tolist()]
+    return AttentionMetadata(slot_mapping=_slots(block_tables, torch.arange(n, device=positions.device), positions,
+                                                 block_size), block_tables=block_tables,
+                             seq_lens=torch.tensor(seq_lens, device=positions.device),
+                             query_start_loc=list(range(n + 1)), seq_lens_list=seq_lens, block_size=block_size)
+
+
 class EagleProposer:
     """`FeatureProposer` over an `EagleHead`: extends the draft's KV with the step's rows, then drafts
-    k tokens per proposing request, one batched decode call per draft after the first."""
+    up to k tokens per proposing request, one batched decode call per draft after the first.
+
+    As in EAGLE-2, a request stops drafting once the product of the head's confidences in its drafts
+    falls below `min_draft_prob`: each draft costs a head step and a verification row, and a draft that
+    is unlikely to be reached and accepted costs more time than it is expected to save.
+    """
 
     name = "eagle"
 
-    def __init__(self, head: EagleHead, num_speculative_tokens: int = 4, seed: int = 0):
+    def __init__(self, head: EagleHead, num_speculative_tokens: int = 4, seed: int = 0, min_draft_prob: float = 0.0):
         self.head = head
         self.num_speculative_tokens = num_speculative_tokens
+        self.min_draft_prob = min_draft_prob
         self.seed = seed
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.generator: torch.Generator | None = None
@@ -239,36 +257,37 @@ class EagleProposer:
         ks = [min(self.num_speculative_tokens, batch.max_drafts[r]) for r in want]
         temps = [batch.temperatures[r] for r in want]
         g = g[torch.tensor([starts[r + 1] - 1 for r in want], device=dev)]  # [P, H] each request's last row
-        drafts, probs = self._draft(g, temps)
-        tokens: list[list[int]] = [[d] for d in drafts.tolist()]
-        qs: list[list[torch.Tensor | None]] = [[q] for q in probs]
-        active = list(range(len(want)))  # indexes into want still drafting
-        for step in range(1, max(ks)):
-            keep = [i for i, a in enumerate(active) if ks[a] > step]
-            if not keep:
-                break
-            idx = torch.tensor(keep, device=dev)
+        tokens: list[list[int]] = [[] for _ in want]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in want]
+        active = list(range(len(want)))  # indexes into want; g, drafts and value are aligned with it
+        value = torch.ones(len(want), device=dev)  # [P] the head's P(every draft so far is accepted)
+        for step in range(max(ks)):
+            if step:  # one decode row per request still drafting, fed its last draft and g
+                idx = torch.tensor(keep, device=dev)
+                positions = torch.tensor([batch.seq_lens[want[a]] - 1 + step for a in active], device=dev)
+                meta = _decode_metadata(block_tables[torch.tensor([want[a] for a in active], device=dev)], positions, bs)
+                g = head(drafts[idx], g[idx], positions, self.kv_cache, meta)  # [P', H]
+                value = value[idx]
+            drafts, probs, confidence = self._draft(g, [temps[a] for a in active])
+            value = value * confidence
+            worth = (value >= self.min_draft_prob).tolist()
+            for a, d, q, ok in zip(active, drafts.tolist(), probs, worth):
+                if ok:
+                    tokens[a].append(d)
+                    qs[a].append(q)
+            keep = [i for i, a in enumerate(active) if worth[i] and ks[a] > step + 1]
             active = [active[i] for i in keep]
-            req_rows = torch.tensor([want[a] for a in active], device=dev)
-            positions = torch.tensor([batch.seq_lens[want[a]] - 1 + step for a in active], device=dev)
-            tables = block_tables[req_rows]
-            seq_lens = [p + 1 for p in positions.tolist()]
-            meta = AttentionMetadata(slot_mapping=_slots(tables, torch.arange(len(active), device=dev), positions, bs),
-                                     block_tables=tables, seq_lens=torch.tensor(seq_lens, device=dev),
-                                     query_start_loc=list(range(len(active) + 1)), seq_lens_list=seq_lens,
-                                     block_size=bs)
-            g = head(drafts[idx], g[idx], positions, self.kv_cache, meta)  # [P', H]
-            drafts, probs = self._draft(g, [temps[a] for a in active])
-            for a, d, q in zip(active, drafts.tolist(), probs):
-                tokens[a].append(d)
-                qs[a].append(q)
+            if not active:
+                break
         out = {}
         for a, r in enumerate(want):
-            q = None if temps[a] <= 0 else torch.stack(qs[a])  # [k, V]
-            out[batch.request_ids[r]] = Proposal(tokens[a], q)
+            if tokens[a]:
+                q = None if temps[a] <= 0 else torch.stack(qs[a])  # [k, V]
+                out[batch.request_ids[r]] = Proposal(tokens[a], q)
         return out
 
-    def _draft(self, g: torch.Tensor, temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def _draft(self, g: torch.Tensor, temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+        """Drafts [P] (target ids), their distributions, and the head's probability of each draft [P]."""
         head = self.head
         return draft_from_logits(head.draft_logits(g), head.draft_vocab, temps, head.config.vocab_size, self.generator)
 

@@ -90,6 +90,8 @@ class EngineConfig:
     speculative: str = "none"  # draft proposer: "none", "ngram" (prompt lookup), "eagle" (draft head)
     speculative_model: str | None = None  # the EAGLE head's safetensors; None = the one shipped for smollm2
     num_speculative_tokens: int = 4  # drafts per request per step
+    # EAGLE: stop drafting once the head's chance that all drafts so far are accepted falls below this
+    speculative_min_draft_prob: float = 0.5
     # no drafting when more requests than this sample in a step; None: 1 on CPU, 4 on a GPU
     speculative_max_batch: int | None = None
     grammar_backend: str = "llguidance"  # structured output: "llguidance" or "outlines" (outlines-core)

@@ -171,7 +171,7 @@ def make_proposer(config: EngineConfig, target: torch.nn.Module,
         from decoding.eagle import DEFAULT_HEAD, EagleProposer, load_eagle
 
         head = load_eagle(config.speculative_model or DEFAULT_HEAD, target, quantization)
-        return EagleProposer(head, config.num_speculative_tokens)
+        return EagleProposer(head, config.num_speculative_tokens, min_draft_prob=config.speculative_min_draft_prob)
     raise ValueError(f"unknown speculative method {config.speculative!r}: expected none, ngram or eagle")
 
 

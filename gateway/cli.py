@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: draft proposer (ngram = prompt lookup, eagle = draft head)")
     g.add_argument("--speculative-model", default=None, help="EAGLE head safetensors (default: the shipped one)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per request per step")
+    g.add_argument("--speculative-min-draft-prob", type=float, default=0.5,
+                   help="EAGLE: stop drafting when the head's chance that its drafts get accepted falls below this")
     g.add_argument("--speculative-max-batch", type=int, default=None,
                    help="no drafting when more requests than this decode in one step (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--grammar-backend", default="llguidance", choices=["llguidance", "outlines"],
@@ -40,6 +42,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching,
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                        speculative_min_draft_prob=args.speculative_min_draft_prob,
                         speculative_max_batch=args.speculative_max_batch,
                         speculative_model=args.speculative_model, grammar_backend=args.grammar_backend)
 
@@ -152,7 +155,8 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
                       num_speculative_tokens=args.num_speculative_tokens, depth=args.depth, lr=args.lr,
                       batch_tokens=args.batch_tokens, max_num_seqs=args.max_num_seqs,
                       generate_seconds=args.generate_seconds, greedy_fraction=args.greedy_fraction,
-                      noise=args.noise, feature_weight=args.feature_weight, seed=args.seed)
+                      noise=args.noise, feature_weight=args.feature_weight, seed=args.seed,
+                      self_written_prompts=args.self_written_prompts, init=Path(args.init) if args.init else None)
     result = train_eagle(cfg)
     acc = result.acceptance
     print(f"saved {result.path}")
@@ -170,6 +174,9 @@ def add_train_eagle_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--prompts", type=int, default=300, help="training prompts (of decoding/eagle_prompts.py)")
     p.add_argument("--heldout", type=int, default=40, help="held-out prompts, answered greedily and scored")
+    p.add_argument("--self-written-prompts", type=int, default=0,
+                   help="more training prompts, written by the model itself (plus --heldout held out)")
+    p.add_argument("--init", default=None, help="fine-tune this head (.safetensors) instead of training a fresh one")
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=200, help="answer length")
     p.add_argument("--epochs", type=int, default=10)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from decoding.eagle import EagleHead, EagleProposer, load_eagle, read_eagle_metadata, save_eagle
-from decoding.eagle_train import (IGNORE, Sample, TrainConfig, build_draft_vocab, evaluate_acceptance, make_batches,
-                                  target_features, train_head)
+from decoding.eagle_data import Sample, self_written_conversations, target_features, user_turn_prefix
+from decoding.eagle_train import IGNORE, TrainConfig, build_draft_vocab, evaluate_acceptance, make_batches, train_head
 from decoding.proposers import FeatureBatch
 from engine.loader import load_model
 
@@ -52,9 +52,9 @@ def _feature_batch(seqs, feats, rows: dict[str, range], tables: dict[str, list[i
         propose=[propose[r] for r in ids], temperatures=[temps[r] for r in ids], max_drafts=[max_drafts[r] for r in ids])
 
 
-def _propose(head, seqs, feats, temps: dict[str, float]):
+def _propose(head, seqs, feats, temps: dict[str, float], min_draft_prob: float = 0.0):
     """Two steps, as the runner would call them: a's prompt in two chunks, b's prompt then one decode row."""
-    prop = EagleProposer(head, num_speculative_tokens=K)
+    prop = EagleProposer(head, num_speculative_tokens=K, min_draft_prob=min_draft_prob)
     prop.allocate_cache(num_blocks=10, block_size=BLOCK, device=torch.device("cpu"), dtype=torch.float32)
     tables = {"a": [5, 2, 9, 0], "b": [3, 7, 1]}  # scattered blocks, with room for the lookahead slots
     prop.propose_from_features(_feature_batch(seqs, feats, {"a": range(0, 6), "b": range(0, 7)}, tables,
@@ -63,15 +63,19 @@ def _propose(head, seqs, feats, temps: dict[str, float]):
                                                      {"a": True, "b": True}, temps, {"a": 9, "b": 2}))
 
 
-def _train_forward_drafts(head, seq: list[int], feats: torch.Tensor, last: int, k: int) -> list[int]:
+def _train_forward_drafts(head, seq: list[int], feats: torch.Tensor, last: int, k: int,
+                          with_confidence: bool = False):
     """Chain drafts from the training forward: the depth-j row at last + j - 1, its ids the drafts so far."""
     drafts: list[int] = []
+    confidence: list[float] = []
     for j in range(1, k + 1):
         ids = torch.tensor(seq[1:last + 2] + drafts)[None]  # row p holds x_{p+1}
         f = torch.cat([feats[:last + 1], torch.zeros(len(drafts), feats.shape[1])])[None]  # rows past `last`: unused
         outs = head.forward_train(ids, f, depth=j)
-        drafts.append(int(head.draft_vocab[head.draft_logits(outs[-1][0, last + j - 1]).argmax()]))
-    return drafts
+        probs = torch.softmax(head.draft_logits(outs[-1][0, last + j - 1]), dim=-1)
+        drafts.append(int(head.draft_vocab[probs.argmax()]))
+        confidence.append(float(probs.max()))
+    return (drafts, confidence) if with_confidence else drafts
 
 
 def test_paged_proposals_equal_the_training_forward(target):
@@ -84,6 +88,22 @@ def test_paged_proposals_equal_the_training_forward(target):
         assert out["b"].token_ids == _train_forward_drafts(head, seqs["b"], feats["b"], 7, 2)  # max_drafts cut it
     assert out["a"].probs is None and out["b"].probs is None
     assert len(set(out["a"].token_ids) | set(out["b"].token_ids)) > 1
+
+
+def test_drafting_stops_when_the_head_doubts_its_drafts(target):
+    head = _head(target)
+    seqs = _sequences(target)
+    feats = dict(zip(seqs, target_features(target, list(seqs.values()))))
+    with torch.no_grad():
+        drafts, confidence = _train_forward_drafts(head, seqs["a"], feats["a"], 12, K, with_confidence=True)
+    chance = torch.tensor(confidence).cumprod(0).tolist()  # the head's P(drafts 1..j all accepted)
+    for keep in range(K + 1):  # a threshold just below the chance of the keep-th draft keeps exactly keep drafts
+        threshold = chance[keep - 1] * 0.999 if keep else min(1.0, chance[0] * 1.001)
+        if keep < K and chance[keep] >= threshold:
+            continue  # two drafts' chances too close to tell apart
+        out = _propose(head, seqs, feats, {"a": 0.0, "b": 0.0}, min_draft_prob=threshold)
+        got = out["a"].token_ids if "a" in out else []  # no drafts: no proposal at all
+        assert got == drafts[:keep]
 
 
 def test_sampled_proposals_return_their_distribution(target):
@@ -141,6 +161,43 @@ def test_a_short_training_run_lowers_the_loss(target):
     after = evaluate_acceptance(head, samples, feats, k=K)
     assert losses[-1] < 0.8 * losses[0]  # the feature loss keeps a floor: the input noise
     assert 1.0 <= before.mean_accepted_length < after.mean_accepted_length <= K + 1
+
+
+def _tiny_tokenizer(tiny_llama_dir):
+    from engine.default_model import resolve_model
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model(str(tiny_llama_dir)))
+
+
+def test_user_turn_prefix_is_the_template_up_to_the_user_text(tiny_llama_dir):
+    tok = _tiny_tokenizer(tiny_llama_dir)
+    assert user_turn_prefix(tok, None) == "<|im_start|>user\n"
+    assert user_turn_prefix(tok, "Be brief.") == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+
+
+def test_self_written_conversations_keep_finished_distinct_turns(tiny_llama_dir):
+    from types import SimpleNamespace
+
+    texts = iter([(" What is rope? ", "stop"), ("What is rope?", "stop"), ("Tell me about a very long", "length"),
+                  ("Hi", "stop"), ("Name three rivers.", "stop"), ("Why is ice slippery?", "stop")])
+    seen_prompts = []
+
+    class FakeLLM:  # stands in for `LLM`: what the target would sample after each prefix
+        def get_tokenizer(self):
+            return _tiny_tokenizer(tiny_llama_dir)
+
+        def generate(self, prompts, params, use_tqdm=False):
+            seen_prompts.extend(prompts)
+            assert len({p.seed for p in params}) == len(params)  # every turn sampled with its own seed
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=t, finish_reason=r)]) for t, r in
+                    (next(texts) for _ in prompts)]
+
+    convs = self_written_conversations(FakeLLM(), 4, seed=1)
+    assert len(seen_prompts) == 6 and all(p.endswith("<|im_start|>user\n") for p in seen_prompts)
+    users = [c[-1]["content"] for c in convs]
+    assert users == ["What is rope?", "Name three rivers.", "Why is ice slippery?"]  # no repeats, cut-offs, scraps
+    assert all(c[-1]["role"] == "user" and all(m["role"] == "system" for m in c[:-1]) for c in convs)
 
 
 def test_cli_has_train_eagle():
