@@ -1,10 +1,11 @@
 """Speculative decoding: decode tokens/s with each proposer and without, chat and JSON-schema prompts, one run.
 
-    python benchmarks/spec.py [--tokens 128] [--quantization auto] [--batches 1 8 16]
+    python benchmarks/spec.py [--tokens 128] [--quantization auto] [--batches 1 8 16] [--rounds 3]
 
 Greedy, so every proposer must give exactly the plain engine's tokens (checked). Batch B runs B prompts
-at once; tokens/s counts output tokens over the whole batch's wall time after a warm-up. Speculation
-switches itself off above --speculative-max-batch requests, which the batch-16 row shows.
+at once; tokens/s counts output tokens over the whole batch's wall time after a warm-up, best of
+--rounds runs taken in turns (plain, then each proposer), as this machine's speed drifts by 20% over
+minutes. Speculation switches itself off above --speculative-max-batch requests, which the batch-16 row shows.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--proposers", nargs="+", default=["ngram", "eagle"])
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--speculative-max-batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     def engine(method: str, loaded=None) -> LLMEngine:
@@ -82,23 +84,27 @@ def main() -> None:
     for eng in engines.values():  # warm-up: first-use costs (grammar vocabulary, allocator) off the clock
         run(eng, chat[:1], SamplingParams(temperature=0, max_tokens=8))
         run(eng, js[:1], workloads["json"][1])
-    rows, speedups = [], []
+    rows = []
     for name, (prompts, params) in workloads.items():
         for batch in args.batches:
             batch_prompts = (prompts * batch)[:batch]
-            base_rate, want = run(base, batch_prompts, params)
-            row = [name, batch, base_rate]
+            before = {m: e.stats() for m, e in engines.items()}
+            best = dict.fromkeys(engines, 0.0)
+            want = None
+            for _ in range(args.rounds):
+                for method, eng in engines.items():
+                    rate, got = run(eng, batch_prompts, params)
+                    want = want or got
+                    assert got == want, f"{method} changed the greedy output"
+                    best[method] = max(best[method], rate)
+            row = [name, batch, best["none"]]
             for method, eng in engines.items():
                 if method == "none":
                     continue
-                before = eng.stats()
-                rate, got = run(eng, batch_prompts, params)
                 after = eng.stats()
-                assert got == want, f"{method} changed the greedy output"
-                steps = after.spec_verify_steps - before.spec_verify_steps
-                accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-                row += [rate, rate / base_rate, 1 + accepted / steps if steps else 0.0]
-                speedups.append(f"{method} {name} batch {batch}: {rate / base_rate:.2f}x")
+                steps = after.spec_verify_steps - before[method].spec_verify_steps
+                accepted = after.spec_accepted_tokens - before[method].spec_accepted_tokens
+                row += [best[method], best[method] / best["none"], 1 + accepted / steps if steps else 0.0]
             rows.append(row)
     header = ["prompts", "batch", "plain tok/s"]
     for method in engines:

@@ -286,7 +286,8 @@ class EagleProposer:
                 out[batch.request_ids[r]] = Proposal(tokens[a], q)
         return out
 
-    def _draft(self, g: torch.Tensor, temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+    def _draft(self, g: torch.Tensor,
+               temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
         """Drafts [P] (target ids), their distributions, and the head's probability of each draft [P]."""
         head = self.head
         return draft_from_logits(head.draft_logits(g), head.draft_vocab, temps, head.config.vocab_size, self.generator)

@@ -55,7 +55,8 @@ def self_written_conversations(llm, n: int, seed: int = 0, max_tokens: int = 96,
     systems = [rng.choice(SELF_WRITTEN_SYSTEMS) for _ in range(n + n // 2)]
     prefixes = [user_turn_prefix(tokenizer, s) for s in systems]
     params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=seed)
-    outs = llm.generate(prefixes, [dataclasses.replace(params, seed=seed + i) for i in range(len(prefixes))], use_tqdm=progress)
+    per_turn = [dataclasses.replace(params, seed=seed + i) for i in range(len(prefixes))]  # distinct samples
+    outs = llm.generate(prefixes, per_turn, use_tqdm=progress)
     seen: set[str] = set()
     conversations = []
     for system, out in zip(systems, outs):

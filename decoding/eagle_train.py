@@ -285,7 +285,8 @@ def collect_data(cfg: TrainConfig) -> TrainingData:
     if cfg.self_written_prompts:
         written = self_written_conversations(llm, cfg.self_written_prompts + cfg.heldout_prompts, cfg.seed,
                                              progress=cfg.progress)
-        train_convs, heldout_convs = train_convs + written[cfg.heldout_prompts:], heldout_convs + written[:cfg.heldout_prompts]
+        train_convs += written[cfg.heldout_prompts:]
+        heldout_convs += written[:cfg.heldout_prompts]
     heldout = generate_samples(llm, heldout_convs, cfg, greedy_only=True)
     train = generate_samples(llm, train_convs, cfg, budget_s=cfg.generate_seconds)
     seconds["generate"] = time.perf_counter() - t0

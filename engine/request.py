@@ -23,6 +23,34 @@ class RequestStatus(enum.Enum):
         return self.name.startswith("FINISHED")
 
 
+@dataclass
+class DraftBackoff:
+    """Speculation that stops paying for one request turns itself down: after `patience` verify steps in
+    a row that accepted no draft (say a JSON answer the draft head never learned), the request goes
+    1, 2, 4, ... up to `max_pause` steps without drafting, each a plain decode step; one accepted
+    draft resets it."""
+
+    patience: int = 3
+    max_pause: int = 16
+    misses: int = 0  # verify steps in a row that accepted no draft
+    pause: int = 0  # steps left without drafting
+
+    def record(self, accepted: int) -> None:
+        if accepted:
+            self.misses = 0
+            return
+        self.misses += 1
+        if self.misses >= self.patience:
+            self.pause = min(1 << (self.misses - self.patience), self.max_pause)
+
+    def allow(self) -> bool:
+        """Whether the request may have drafts proposed in the step being scheduled."""
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+
 @dataclass(eq=False)  # identity, not field equality: requests live in lists
 class Request:
     request_id: str
@@ -40,6 +68,7 @@ class Request:
     error: str | None = None
     prefix_leader: str | None = None  # an n > 1 sibling whose prompt blocks this one will share
     draft_token_ids: list[int] = field(default_factory=list)  # proposed next tokens, verified next step
+    draft_backoff: DraftBackoff = field(default_factory=DraftBackoff)
     matcher: Matcher | None = None  # the grammar state of a structured-output request, advanced per token
 
     @property

@@ -32,6 +32,7 @@ class ScheduledRequest:
     banned_token_ids: list[int] = field(default_factory=list)  # stop ids while under min_tokens
     num_draft_tokens: int = 0  # the last ones of token_ids are drafts to verify (speculative decoding)
     tokens_left: int = 1 << 30  # output tokens the request may still produce, counted before this step
+    propose_drafts: bool = True  # False while the request's drafting is paused (DraftBackoff)
 
     @property
     def draft_token_ids(self) -> list[int]:
@@ -216,6 +217,7 @@ class Scheduler:
             banned_token_ids=sorted(self._stop_ids(params)) if under_min else [],
             num_draft_tokens=len(drafts),
             tokens_left=req.max_output_tokens - len(req.output_token_ids),
+            propose_drafts=req.draft_backoff.allow(),
         )
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -249,6 +251,8 @@ class Scheduler:
             new_ids = self._append(req, new_tokens)
             if s.num_draft_tokens:
                 self._settle_drafts(req, s.num_draft_tokens, len(new_tokens) - 1)
+            if req.draft_token_ids:  # last step's proposals: verified now, or all cut (grammar, budget)
+                req.draft_backoff.record(len(new_tokens) - 1 if s.num_draft_tokens else 0)
             req.draft_token_ids = (drafts or {}).get(s.request_id, [])
             if self.blocks.enable_prefix_caching:
                 self.blocks.cache_blocks(req.request_id, req.num_computed_tokens, req.token_slice)

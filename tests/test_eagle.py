@@ -215,3 +215,23 @@ def test_the_shipped_head_fits_the_default_model():
     assert meta["target"] == "smollm2" and float(meta["mean_accepted_length"]) >= 2.5
     head = load_eagle(DEFAULT_HEAD, load_model("smollm2", "cpu", "auto", "none").model)
     assert head.draft_vocab_size == 8192 and 2 in head.draft_vocab.tolist()  # <|im_end|> can be drafted
+
+
+def test_the_head_is_skipped_while_the_batch_is_too_large_to_draft(target, tiny_llama_dir, tmp_path, monkeypatch):
+    from engine import LLM, SamplingParams
+
+    path = save_eagle(_head(target), tmp_path / "head.safetensors")
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=BLOCK, quantization="none", speculative="eagle",
+              speculative_model=str(path), num_speculative_tokens=K, speculative_max_batch=1,
+              speculative_min_draft_prob=0)  # a random head is never sure of its drafts
+    proposer = llm.engine.runner.proposer
+    calls: list[list[str]] = []
+    real = proposer.propose_from_features
+    monkeypatch.setattr(proposer, "propose_from_features", lambda fb: calls.append(fb.request_ids) or real(fb))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate(["one two three", "four five six seven"], params)  # both sample in every step
+    assert calls == [] and llm.engine.stats().spec_draft_tokens == 0
+    assert llm.engine.runner.undraftable == {"offline-0", "offline-1"}
+    llm.generate(["one two three"], params)  # alone: the head runs and drafts
+    assert calls and llm.engine.stats().spec_draft_tokens > 0
+    assert not llm.engine.runner.undraftable  # the finished requests were forgotten at the next step

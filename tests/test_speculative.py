@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from decoding.proposers import NgramProposer, ProposalRequest
+from decoding.proposers import NgramProposer, Proposal, ProposalRequest
 from decoding.speculative import DraftBatch, verify
 from engine import LLM, SamplingParams
 
@@ -111,6 +111,43 @@ def test_proposers_are_asked_only_for_drafts_that_fit_before_max_tokens(llms, mo
     for history, allowed in asked:
         produced = history - prompt_len
         assert allowed == max(0, 6 - produced - 1)  # d drafts verify into d + 1 tokens
+
+
+def test_draft_backoff_pauses_longer_after_each_miss_in_a_row():
+    from engine.request import DraftBackoff
+
+    b = DraftBackoff(patience=2, max_pause=4)
+    b.record(0)
+    assert b.allow()  # one miss: keep drafting
+    pauses = []
+    for _ in range(4):
+        b.record(0)
+        steps = [b.allow() for _ in range(6)]
+        pauses.append(steps.index(True))
+    assert pauses == [1, 2, 4, 4]
+    b.record(3)  # an accepted draft forgives everything
+    b.record(0)
+    assert b.allow()
+
+
+def test_drafting_pauses_for_a_request_whose_drafts_keep_missing(llms, monkeypatch):
+    base, spec = llms
+    proposer = spec.engine.runner.proposer
+    asked = []
+
+    def always_wrong(requests):  # drafts token 7, which the logit bias below keeps the target from choosing
+        asked.extend(r.request_id for r in requests)
+        return {r.request_id: Proposal([7] * min(2, r.max_drafts)) for r in requests if r.max_drafts}
+
+    monkeypatch.setattr(proposer, "propose", always_wrong)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logit_bias={7: -100.0})
+    want = base.generate([PROMPTS[1]], params)[0].outputs[0].token_ids
+    before = spec.engine.stats()
+    got = spec.generate([PROMPTS[1]], params)[0].outputs[0].token_ids
+    misses = spec.engine.stats().spec_verify_steps - before.spec_verify_steps
+    assert got == want and spec.engine.stats().kv_blocks_used == 0
+    # 40 steps: drafts every step until the third miss in a row, then pauses of 1, 2, 4, 8, 16 steps
+    assert 5 <= misses == len(asked) - 1 <= 12
 
 
 def test_stop_strings_and_n_with_drafts(llms):
