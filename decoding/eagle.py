@@ -171,7 +171,8 @@ class EagleHead(nn.Module):
 
 
 def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatures: list[float], vocab_size: int,
-                      generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
+                      generator: torch.Generator | None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
     """One draft token per row: argmax where the temperature is 0, else d ~ q = softmax(logits / T).
 
     logits: [R, N] over the draft vocabulary. Returns the drafts as target ids [R]; per row, q scattered
@@ -222,7 +223,8 @@ class EagleProposer:
 
     name = "eagle"
 
-    def __init__(self, head: EagleHead, num_speculative_tokens: int = 4, seed: int = 0, min_draft_prob: float = 0.0):
+    def __init__(self, head: EagleHead, num_speculative_tokens: int = 4, seed: int = 0,
+                 min_draft_prob: float = 0.0):
         self.head = head
         self.num_speculative_tokens = num_speculative_tokens
         self.min_draft_prob = min_draft_prob
@@ -265,7 +267,8 @@ class EagleProposer:
             if step:  # one decode row per request still drafting, fed its last draft and g
                 idx = torch.tensor(keep, device=dev)
                 positions = torch.tensor([batch.seq_lens[want[a]] - 1 + step for a in active], device=dev)
-                meta = _decode_metadata(block_tables[torch.tensor([want[a] for a in active], device=dev)], positions, bs)
+                tables = block_tables[torch.tensor([want[a] for a in active], device=dev)]
+                meta = _decode_metadata(tables, positions, bs)
                 g = head(drafts[idx], g[idx], positions, self.kv_cache, meta)  # [P', H]
                 value = value[idx]
             drafts, probs, confidence = self._draft(g, [temps[a] for a in active])
