@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.proposers import FeatureBatch, FeatureProposer, ProposalRequest, Proposer
+from decoding.proposers import FeatureBatch, FeatureProposer, Proposal, ProposalRequest, Proposer
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
 from decoding.speculative import DraftBatch, verify
 from engine.config import ModelConfig
@@ -100,6 +100,8 @@ class ModelRunner:
         else:
             result = self._sample(self._apply_logits_processors(logits, rows), rows)
         start = time.perf_counter()
+        for request_id in result.sampled:
+            self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
         if isinstance(self.proposer, FeatureProposer):
             result.drafts = self._propose_from_features(out.scheduled, batch, hidden, result.sampled)
         else:
@@ -195,24 +197,16 @@ class ModelRunner:
 
     def _propose(self, rows: list[ScheduledRequest], sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         # Verifying k drafts costs k more rows per request; once the batch alone fills the matmuls, it stops paying.
-        for s in rows:
-            self.draft_probs.pop(s.request_id, None)  # unverified guesses from an earlier step
         if self.proposer is None or len(rows) > self.speculative_max_batch:
             return {}
         reqs = [ProposalRequest(s.request_id, s.prompt_token_ids + s.output_token_ids + sampled[s.request_id],
                                 _draft_room(s, sampled))
                 for s in rows if s.request_id in sampled and s.propose_drafts]
-        proposals = self.proposer.propose(reqs)
-        for request_id, p in proposals.items():
-            if p.probs is not None:
-                self.draft_probs[request_id] = p.probs
-        return {request_id: p.token_ids for request_id, p in proposals.items()}
+        return self._keep(self.proposer.propose(reqs))
 
     def _propose_from_features(self, scheduled: list[ScheduledRequest], batch: BatchInputs, hidden: torch.Tensor,
                                sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         """Hand the draft head every position this step made valid, with the token that follows each."""
-        for request_id in sampled:
-            self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
         if len(sampled) > self.speculative_max_batch:
             # Too many to draft for: skip the head's forward, which cost ~10% of such a step (batch 16).
             self.undraftable.update(s.request_id for s in scheduled)
@@ -242,7 +236,10 @@ class ModelRunner:
                      for s in scheduled],
             temperatures=[0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in scheduled],
             max_drafts=[_draft_room(s, sampled) for s in scheduled])
-        proposals = self.proposer.propose_from_features(fb)
+        return self._keep(self.proposer.propose_from_features(fb))
+
+    def _keep(self, proposals: dict[str, Proposal]) -> dict[str, list[int]]:
+        """Hold each proposal's draft distributions until the next step verifies it; the drafts go out."""
         for request_id, p in proposals.items():
             if p.probs is not None:
                 self.draft_probs[request_id] = p.probs

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.tokenizer import render_chat
+from engine import LLM, SamplingParams
 from grammar import GrammarSpec
 
 pytestmark = pytest.mark.slow
@@ -24,42 +22,29 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 
 @pytest.fixture(scope="module")
-def engines():
-    def make(method: str, loaded=None, max_batch: int = 32) -> LLMEngine:
-        return LLMEngine(EngineConfig(model="smollm2", quantization="none", kv_cache_memory=256 << 20,
-                                      speculative=method, speculative_max_batch=max_batch), loaded)
+def llms():
+    def make(method: str, max_batch: int = 32) -> LLM:
+        return LLM("smollm2", quantization="none", kv_cache_memory=256 << 20, speculative=method,
+                   speculative_max_batch=max_batch)
 
-    base = make("none")
-    return base, {"ngram": make("ngram", base.loaded), "eagle": make("eagle", base.loaded),
-                  "eagle, drafting up to batch 4": make("eagle", base.loaded, max_batch=4)}
-
-
-def _run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> list[list[int]]:
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = out.outputs[0].token_ids
-    return [tokens[str(i)] for i in range(len(prompts))]
+    return make("none"), {"ngram": make("ngram"), "eagle": make("eagle"),
+                          "eagle, drafting up to batch 4": make("eagle", max_batch=4)}
 
 
 @pytest.mark.parametrize("schema", [None, PERSON], ids=["chat", "json-schema"])
-def test_greedy_output_is_identical_with_every_proposer(engines, schema):
-    base, proposers = engines
+def test_greedy_output_is_identical_with_every_proposer(llms, schema):
+    base, proposers = llms
     if schema is None:
-        prompts = [render_chat(base.tokenizer, [{"role": "user", "content": c}]) for c in CHATS]
+        chats = [[{"role": "user", "content": c}] for c in CHATS]
         params = SamplingParams(temperature=0, max_tokens=40)
     else:
-        prompts = [render_chat(base.tokenizer, [{"role": "user", "content": f"{c} Answer as a person in JSON."}])
-                   for c in CHATS]
+        chats = [[{"role": "user", "content": f"{c} Answer as a person in JSON."}] for c in CHATS]
         params = SamplingParams(temperature=0, max_tokens=40, structured_output=GrammarSpec.json_schema(PERSON))
-    want = _run(base, prompts, params)
-    for name, engine in proposers.items():
-        before = engine.stats()
-        assert _run(engine, prompts, params) == want, name
-        after = engine.stats()
+    want = [o.outputs[0].token_ids for o in base.chat(chats, params)]
+    for name, llm in proposers.items():
+        before = llm.engine.stats()
+        assert [o.outputs[0].token_ids for o in llm.chat(chats, params)] == want, name
+        after = llm.engine.stats()
         if schema is None and name != "eagle, drafting up to batch 4":
             assert after.spec_draft_tokens > before.spec_draft_tokens, name  # drafts were really verified
         assert after.kv_blocks_used == 0, name
