@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decoding.chain import Drafter, decode_metadata, draft_chain, rows_metadata
 from decoding.proposers import FeatureBatch, Proposal
 from engine.config import ModelConfig
 from engine.linear import PACKERS, Linear
@@ -170,48 +171,6 @@ class EagleHead(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k.startswith(_TRAINED)}
 
 
-def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatures: list[float], vocab_size: int,
-                      generator: torch.Generator | None
-                      ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
-    """One draft token per row: argmax where the temperature is 0, else d ~ q = softmax(logits / T).
-
-    logits: [R, N] over the draft vocabulary. Returns the drafts as target ids [R]; per row, q scattered
-    into the full vocabulary [V] (zero outside the draft vocabulary), or None when greedy; and the head's
-    confidence in each draft, softmax(logits)[d] [R] (EAGLE-2 found it tracks the chance of acceptance).
-    """
-    picks = logits.argmax(dim=-1)  # [R]
-    probs: list[torch.Tensor | None] = [None] * len(temperatures)
-    sampled = [r for r, t in enumerate(temperatures) if t > 0]
-    if sampled:
-        temps = torch.tensor([temperatures[r] for r in sampled], device=logits.device)[:, None]
-        q_small = torch.softmax(logits[sampled] / temps, dim=-1)  # [S, N]
-        picks[sampled] = torch.multinomial(q_small, 1, generator=generator).squeeze(1)
-        q = torch.zeros(len(sampled), vocab_size, dtype=torch.float32, device=logits.device)
-        q.index_copy_(1, draft_vocab, q_small)
-        for i, r in enumerate(sampled):
-            probs[r] = q[i]
-    confidence = torch.softmax(logits, dim=-1).gather(1, picks[:, None]).squeeze(1)  # [R]
-    return draft_vocab[picks], probs, confidence
-
-
-def _slots(block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    # rows index block_tables; positions: [T] -> cache slots [T]
-    blocks = positions // block_size
-    assert int(blocks.max()) < block_tables.shape[1], (
-        "the block table has no slot for a draft position: the scheduler must reserve k lookahead slots")
-    return block_tables[rows, blocks] * block_size + positions % block_size
-
-
-def _decode_metadata(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> AttentionMetadata:
-    # one query row per block-table row, at `positions` [P]
-    n = len(positions)
-    seq_lens = [p + 1 for p in positions.tolist()]
-    return AttentionMetadata(slot_mapping=_slots(block_tables, torch.arange(n, device=positions.device), positions,
-                                                 block_size), block_tables=block_tables,
-                             seq_lens=torch.tensor(seq_lens, device=positions.device),
-                             query_start_loc=list(range(n + 1)), seq_lens_list=seq_lens, block_size=block_size)
-
-
 class EagleProposer:
     """`FeatureProposer` over an `EagleHead`: extends the draft's KV with the step's rows, then drafts
     up to k tokens per proposing request, one batched decode call per draft after the first.
@@ -232,6 +191,10 @@ class EagleProposer:
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.generator: torch.Generator | None = None
 
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        cfg = self.head.config  # one layer
+        return 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         cfg = self.head.config
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -245,55 +208,28 @@ class EagleProposer:
         head, bs = self.head, batch.block_size
         dev = batch.hidden.device
         starts = batch.starts
-        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=dev)
-        rows = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)  # [T]
         block_tables = batch.block_tables.to(dev)
-        meta = AttentionMetadata(slot_mapping=_slots(block_tables, rows, batch.positions, bs), block_tables=block_tables,
-                                 seq_lens=torch.tensor(batch.seq_lens, device=dev), query_start_loc=list(starts),
-                                 seq_lens_list=list(batch.seq_lens), block_size=bs)
+        meta = rows_metadata(block_tables, starts, batch.positions, batch.seq_lens, bs)
         g = head(batch.next_token_ids, batch.hidden, batch.positions, self.kv_cache, meta)  # [T, H]
         want = [r for r in range(len(starts) - 1) if batch.propose[r] and starts[r + 1] > starts[r]
                 and min(self.num_speculative_tokens, batch.max_drafts[r]) > 0]
         if not want:
             return {}
-        ks = [min(self.num_speculative_tokens, batch.max_drafts[r]) for r in want]
-        temps = [batch.temperatures[r] for r in want]
         g = g[torch.tensor([starts[r + 1] - 1 for r in want], device=dev)]  # [P, H] each request's last row
-        tokens: list[list[int]] = [[] for _ in want]
-        qs: list[list[torch.Tensor | None]] = [[] for _ in want]
-        active = list(range(len(want)))  # indexes into want; g, drafts and value are aligned with it
-        value = torch.ones(len(want), device=dev)  # [P] the head's P(every draft so far is accepted)
-        for step in range(max(ks)):
-            if step:  # one decode row per request still drafting, fed its last draft and g
-                idx = torch.tensor(keep, device=dev)
-                positions = torch.tensor([batch.seq_lens[want[a]] - 1 + step for a in active], device=dev)
-                tables = block_tables[torch.tensor([want[a] for a in active], device=dev)]
-                meta = _decode_metadata(tables, positions, bs)
-                g = head(drafts[idx], g[idx], positions, self.kv_cache, meta)  # [P', H]
-                value = value[idx]
-            drafts, probs, confidence = self._draft(g, [temps[a] for a in active])
-            value = value * confidence
-            worth = (value >= self.min_draft_prob).tolist()
-            for a, d, q, ok in zip(active, drafts.tolist(), probs, worth):
-                if ok:
-                    tokens[a].append(d)
-                    qs[a].append(q)
-            keep = [i for i, a in enumerate(active) if worth[i] and ks[a] > step + 1]
-            active = [active[i] for i in keep]
-            if not active:
-                break
-        out = {}
-        for a, r in enumerate(want):
-            if tokens[a]:
-                q = None if temps[a] <= 0 else torch.stack(qs[a])  # [k, V]
-                out[batch.request_ids[r]] = Proposal(tokens[a], q)
-        return out
+        last = [batch.seq_lens[r] - 1 for r in want]  # position of each request's last row
 
-    def _draft(self, g: torch.Tensor,
-               temps: list[float]) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
-        """Drafts [P] (target ids), their distributions, and the head's probability of each draft [P]."""
-        head = self.head
-        return draft_from_logits(head.draft_logits(g), head.draft_vocab, temps, head.config.vocab_size, self.generator)
+        def advance(drafts: torch.Tensor, g: torch.Tensor, active: list[int]) -> torch.Tensor:
+            # one decode row per request still drafting, fed its last draft and g, one position on
+            for a in active:
+                last[a] += 1
+            positions = torch.tensor([last[a] for a in active], device=dev)
+            tables = block_tables[torch.tensor([want[a] for a in active], device=dev)]
+            return head(drafts, g, positions, self.kv_cache, decode_metadata(tables, positions, bs))  # [P', H]
+
+        drafter = Drafter(head.draft_logits, advance, head.draft_vocab, head.config.vocab_size)
+        return draft_chain(drafter, g, [batch.request_ids[r] for r in want],
+                           [min(self.num_speculative_tokens, batch.max_drafts[r]) for r in want],
+                           [batch.temperatures[r] for r in want], self.min_draft_prob, self.generator)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

@@ -75,13 +75,14 @@ class FeatureBatch:
     """What a proposer reading the target's hidden states (EAGLE) gets from one step, flattened by request.
 
     Request r's rows starts[r]:starts[r+1] are the positions this step made valid (prompt chunk, decoded
-    token, accepted drafts), in order, ending at position seq_lens[r] - 1. next_token_ids holds, for each
-    row, the token at the following position (known now: a prompt token, an accepted draft, or the token
+    token, accepted drafts), in order, ending at position seq_lens[r] - 1. token_ids holds each row's own
+    token (the target's input there) and next_token_ids the token at the following position (known now: a prompt token, an accepted draft, or the token
     sampled this step). Only requests with propose[r] want drafts; the others just extend the draft's KV.
     """
 
     request_ids: list[str]
     hidden: torch.Tensor  # [T, hidden] the target's final (normed) hidden states at those positions
+    token_ids: torch.Tensor  # [T] int64
     next_token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     starts: list[int]  # R + 1 offsets into the rows
@@ -95,10 +96,13 @@ class FeatureBatch:
 
 @runtime_checkable
 class FeatureProposer(Protocol):
-    """A proposer with its own layers and KV cache (EAGLE): runs after the target forward of every step."""
+    """A proposer with its own layers and KV cache (EAGLE head, draft model): runs after the target forward
+    of every step. Its cache has a block wherever the target's has one, with the same ids."""
 
     name: str
     num_speculative_tokens: int
+
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int: ...
 
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None: ...
 

@@ -87,10 +87,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None = the model's own limit
     enable_prefix_caching: bool = True
-    speculative: str = "none"  # draft proposer: "none", "ngram" (prompt lookup), "eagle" (draft head)
-    speculative_model: str | None = None  # the EAGLE head's safetensors; None = the one shipped for smollm2
+    # draft proposer: "none", "ngram" (prompt lookup), "eagle" (draft head), "draft" (a smaller model)
+    speculative: str = "none"
+    # eagle: the head's safetensors (None = the one shipped for smollm2); draft: the draft model (name or path)
+    speculative_model: str | None = None
+    speculative_quantization: str | None = None  # the draft model's CPU weight format; None = the target's
     num_speculative_tokens: int = 4  # drafts per request per step
-    # EAGLE: stop drafting once the head's chance that all drafts so far are accepted falls below this
+    # stop drafting once the drafter's chance that all drafts so far are accepted falls below this
     speculative_min_draft_prob: float = 0.5
     # no drafting when more requests than this sample in a step; None: 1 on CPU, 4 on a GPU
     speculative_max_batch: int | None = None

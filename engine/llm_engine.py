@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,7 @@ from engine.block_manager import BlockManager
 from grammar import CompiledGrammar
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
+from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -21,6 +23,9 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerStats
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("sluice.engine")
 # CPU decoding is compute-bound long before 2 GiB of KV (about 45k tokens of the default model) fill up.
@@ -44,13 +49,13 @@ class LLMEngine:
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(self.loaded.source)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.loaded.source, self.loaded.hf_config)
-        num_blocks = self._num_blocks()
+        proposer = make_proposer(config, self.loaded, self.tokenizer)
+        num_blocks = self._num_blocks(proposer)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, num_blocks * config.block_size)
         log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
                  config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        proposer = make_proposer(config, self.loaded.model, self.loaded.quantization)
         lookahead = proposer.num_speculative_tokens if isinstance(proposer, FeatureProposer) else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, 1), self.eos_token_ids, lookahead)
@@ -60,12 +65,14 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                                   config.grammar_backend, config.grammar_timeout_s)
 
-    def _num_blocks(self) -> int:
+    def _num_blocks(self, proposer: Proposer | FeatureProposer | None) -> int:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         dtype = next(self.loaded.model.parameters()).dtype
         per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, dtype)
+        if isinstance(proposer, FeatureProposer):  # its cache has a block for each of the target's
+            per_block += proposer.kv_cache_bytes_per_block(cfg.block_size, dtype)
         budget = cfg.kv_cache_memory or int(_available_memory(cfg.device) * cfg.kv_cache_memory_fraction)
         if cfg.kv_cache_memory is None and torch.device(cfg.device).type == "cpu":
             budget = min(budget, _CPU_DEFAULT_KV_BYTES)
@@ -161,8 +168,8 @@ def speculative_max_batch(config: EngineConfig) -> int:
     return 1 if torch.device(config.device).type == "cpu" else 4
 
 
-def make_proposer(config: EngineConfig, target: torch.nn.Module,
-                  quantization: str | None = None) -> Proposer | FeatureProposer | None:
+def make_proposer(config: EngineConfig, target: LoadedModel,
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> Proposer | FeatureProposer | None:
     if config.speculative == "none":
         return None
     if config.speculative == "ngram":
@@ -170,9 +177,29 @@ def make_proposer(config: EngineConfig, target: torch.nn.Module,
     if config.speculative == "eagle":
         from decoding.eagle import DEFAULT_HEAD, EagleProposer, load_eagle
 
-        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target, quantization)
+        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target.model, target.quantization)
         return EagleProposer(head, config.num_speculative_tokens, min_draft_prob=config.speculative_min_draft_prob)
-    raise ValueError(f"unknown speculative method {config.speculative!r}: expected none, ngram or eagle")
+    if config.speculative == "draft":
+        from decoding.draft_model import DraftModelProposer
+
+        return DraftModelProposer(load_draft_model(config, target, tokenizer), config.num_speculative_tokens,
+                                  min_draft_prob=config.speculative_min_draft_prob)
+    raise ValueError(f"unknown speculative method {config.speculative!r}: expected none, ngram, eagle or draft")
+
+
+def load_draft_model(config: EngineConfig, target: LoadedModel,
+                     tokenizer: PreTrainedTokenizerBase | None) -> LlamaForCausalLM:
+    """The draft model named by speculative_model, on the target's device; it must share the target's tokenizer."""
+    if not config.speculative_model:
+        raise ValueError("--speculative draft needs a draft model: --speculative-model NAME_OR_PATH")
+    draft = load_model(config.speculative_model, config.device, config.dtype,
+                       config.speculative_quantization or config.quantization)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} ids) is not the target's "
+                         f"({target.config.vocab_size})")
+    if tokenizer is not None and load_tokenizer(draft.source).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the draft model {config.speculative_model!r} has another tokenizer than the target")
+    return draft.model
 
 
 def _available_memory(device: str) -> int:

@@ -89,25 +89,25 @@ class ModelRunner:
             return ModelRunnerOutput({}, {})
         batch = self.prepare(out.scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
-        if not batch.sample_rows:
-            return ModelRunnerOutput({}, {})
+        result = self._sample_or_verify(out, batch, hidden) if batch.sample_rows else ModelRunnerOutput({}, {})
+        start = time.perf_counter()
+        for request_id in result.sampled:
+            self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
+        if isinstance(self.proposer, FeatureProposer):  # also without sampling: it extends its KV by the chunks
+            result.drafts = self._propose_from_features(out.scheduled, batch, hidden, result.sampled)
+        else:
+            result.drafts = self._propose(batch.sample_rows, result.sampled)
+        self.draft_seconds += time.perf_counter() - start
+        return result
+
+    def _sample_or_verify(self, out: SchedulerOutput, batch: BatchInputs, hidden: torch.Tensor) -> ModelRunnerOutput:
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [N, V]
         if out.grammar is not None:
             apply_bitmask(logits, out.grammar.bitmask, out.grammar.rows)
         rows = batch.sample_rows
         if any(s.num_draft_tokens for s in rows):
-            result = self._verify(logits, rows)
-        else:
-            result = self._sample(self._apply_logits_processors(logits, rows), rows)
-        start = time.perf_counter()
-        for request_id in result.sampled:
-            self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
-        if isinstance(self.proposer, FeatureProposer):
-            result.drafts = self._propose_from_features(out.scheduled, batch, hidden, result.sampled)
-        else:
-            result.drafts = self._propose(rows, result.sampled)
-        self.draft_seconds += time.perf_counter() - start
-        return result
+            return self._verify(logits, rows)
+        return self._sample(self._apply_logits_processors(logits, rows), rows)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         bs = self.block_size
@@ -211,7 +211,7 @@ class ModelRunner:
             # Too many to draft for: skip the head's forward, which cost ~10% of such a step (batch 16).
             self.undraftable.update(s.request_id for s in scheduled)
             return {}
-        rows, next_ids, seq_lens, starts = [], [], [], [0]
+        rows, token_ids, next_ids, seq_lens, starts = [], [], [], [], [0]
         q_start = batch.attn.query_start_loc
         for i, s in enumerate(scheduled):
             n_real = len(s.token_ids) - s.num_draft_tokens
@@ -223,12 +223,14 @@ class ModelRunner:
                 known = s.token_ids[:n_real] + tail
             valid = len(known) - 1
             rows.extend(range(q_start[i], q_start[i] + valid))
+            token_ids.extend(known[:-1])
             next_ids.extend(known[1:])
             seq_lens.append(s.start_pos + valid)
             starts.append(starts[-1] + valid)
         fb = FeatureBatch(
             request_ids=[s.request_id for s in scheduled],
             hidden=hidden[torch.tensor(rows, device=hidden.device)],
+            token_ids=torch.tensor(token_ids, device=self.device),
             next_token_ids=torch.tensor(next_ids, device=self.device),
             positions=batch.positions[torch.tensor(rows, device=self.device)],
             starts=starts, seq_lens=seq_lens, block_tables=batch.attn.block_tables, block_size=self.block_size,

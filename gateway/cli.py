@@ -23,12 +23,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=1024)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--speculative", default="none", choices=["none", "ngram", "eagle"],
-                   help="speculative decoding: draft proposer (ngram = prompt lookup, eagle = draft head)")
-    g.add_argument("--speculative-model", default=None, help="EAGLE head safetensors (default: the shipped one)")
+    g.add_argument("--speculative", default="none", choices=["none", "ngram", "eagle", "draft"],
+                   help="speculative decoding: draft proposer (ngram = prompt lookup, eagle = draft head, "
+                        "draft = a smaller model with the same tokenizer)")
+    g.add_argument("--speculative-model", default=None,
+                   help="eagle: the head's safetensors (default: the shipped one); draft: the draft model")
+    g.add_argument("--speculative-quantization", default=None, choices=["auto", "none", "fp16", "int8"],
+                   help="the draft model's CPU weight format (default: the target's)")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per request per step")
     g.add_argument("--speculative-min-draft-prob", type=float, default=0.5,
-                   help="EAGLE: stop drafting when the head's chance that its drafts get accepted falls below this")
+                   help="eagle, draft: stop drafting when the drafter's chance that its drafts get accepted "
+                        "falls below this")
     g.add_argument("--speculative-max-batch", type=int, default=None,
                    help="no drafting when more requests than this decode in one step (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--grammar-backend", default="llguidance", choices=["llguidance", "outlines"],
@@ -44,7 +49,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                         speculative_min_draft_prob=args.speculative_min_draft_prob,
                         speculative_max_batch=args.speculative_max_batch,
-                        speculative_model=args.speculative_model, grammar_backend=args.grammar_backend)
+                        speculative_model=args.speculative_model,
+                        speculative_quantization=args.speculative_quantization, grammar_backend=args.grammar_backend)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,7 @@ def _feature_batch(seqs, feats, rows: dict[str, range], tables: dict[str, list[i
     width = max(len(t) for t in tables.values())
     return FeatureBatch(
         request_ids=ids, hidden=torch.cat([feats[r][list(rows[r])] for r in ids]),
+        token_ids=torch.tensor([seqs[r][p] for r in ids for p in rows[r]]),
         next_token_ids=torch.tensor([seqs[r][p + 1] for r in ids for p in rows[r]]),
         positions=torch.tensor([p for r in ids for p in rows[r]]), starts=starts,
         seq_lens=[rows[r][-1] + 1 for r in ids],

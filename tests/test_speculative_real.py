@@ -23,12 +23,15 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 @pytest.fixture(scope="module")
 def llms():
-    def make(method: str, max_batch: int = 32) -> LLM:
+    def make(method: str, max_batch: int = 32, **kw) -> LLM:
         return LLM("smollm2", quantization="none", kv_cache_memory=256 << 20, speculative=method,
-                   speculative_max_batch=max_batch)
+                   speculative_max_batch=max_batch, **kw)
 
     return make("none"), {"ngram": make("ngram"), "eagle": make("eagle"),
-                          "eagle, drafting up to batch 4": make("eagle", max_batch=4)}
+                          "eagle, drafting up to batch 4": make("eagle", max_batch=4),
+                          # a draft model that often agrees with the target, and sometimes not
+                          "draft model (the target in int8)": make("draft", speculative_model="smollm2",
+                                                                   speculative_quantization="int8")}
 
 
 @pytest.mark.parametrize("schema", [None, PERSON], ids=["chat", "json-schema"])
