@@ -1,6 +1,7 @@
 """Speculative decoding: decode tokens/s with each proposer and without, chat and JSON-schema prompts, one run.
 
     python benchmarks/spec.py [--tokens 128] [--quantization auto] [--batches 1 8 16] [--rounds 3]
+                              [--draft-model smollm2 --draft-quantization int8]   # adds a draft-model column
 
 Greedy, so every proposer must give exactly the plain engine's tokens (checked). Batch B runs B prompts
 at once; tokens/s counts output tokens over the whole batch's wall time after a warm-up, best of
@@ -58,13 +59,19 @@ def main() -> None:
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--speculative-max-batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--draft-model", default=None, help="a draft model for --speculative draft (adds it)")
+    ap.add_argument("--draft-quantization", default=None, help="the draft model's weight format")
     args = ap.parse_args()
+    if args.draft_model and "draft" not in args.proposers:
+        args.proposers.append("draft")
 
     def engine(method: str, loaded=None) -> LLMEngine:
         return LLMEngine(EngineConfig(model=args.model, quantization=args.quantization, kv_cache_memory=512 << 20,
                                       enable_prefix_caching=False, speculative=method,
                                       num_speculative_tokens=args.num_speculative_tokens,
-                                      speculative_max_batch=args.speculative_max_batch), loaded)
+                                      speculative_max_batch=args.speculative_max_batch,
+                                      speculative_model=args.draft_model if method == "draft" else None,
+                                      speculative_quantization=args.draft_quantization), loaded)
 
     base = engine("none")
     engines = {"none": base}

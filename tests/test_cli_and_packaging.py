@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -12,13 +13,16 @@ def _sluice(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
                           text=True, timeout=300)
 
 
-def test_generate_streams_the_same_text_as_the_api(tiny_llama_dir):
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "draft-model"])
+def test_generate_streams_the_same_text_as_the_api(tiny_llama_dir, speculative):
     from engine import LLM, SamplingParams
 
     ref = LLM(str(tiny_llama_dir), num_kv_blocks=64).generate(
         ["The quick brown fox"], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
+    extra = ["--speculative", "draft", "--speculative-model", str(tiny_llama_dir), "--speculative-quantization",
+             "int8", "--speculative-min-draft-prob", "0"] if speculative else []
     res = _sluice("generate", "The quick brown fox", "--raw", "--model", str(tiny_llama_dir),
-                  "--temperature", "0", "--max-tokens", "12")
+                  "--temperature", "0", "--max-tokens", "12", *extra)
     assert res.returncode == 0, res.stderr
     assert res.stdout == ref + "\n"
 
