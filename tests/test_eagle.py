@@ -6,7 +6,8 @@ import torch
 
 from decoding.eagle import EagleHead, EagleProposer, load_eagle, read_eagle_metadata, save_eagle
 from decoding.eagle_data import Sample, self_written_conversations, target_features, user_turn_prefix
-from decoding.eagle_train import IGNORE, TrainConfig, build_draft_vocab, evaluate_acceptance, make_batches, train_head
+from decoding.eagle_train import (IGNORE, TrainConfig, TrainingData, build_draft_vocab, evaluate_acceptance,
+                                  fit_head, make_batches, train_head)
 from decoding.proposers import FeatureBatch
 from engine.loader import load_model
 
@@ -145,23 +146,50 @@ def test_draft_vocabulary_keeps_eos():
     assert 2 in vocab.tolist() and 7 in vocab.tolist()
 
 
-def test_a_short_training_run_lowers_the_loss(target):
+def _motif_samples(target) -> tuple[list[Sample], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(3)
     v = target.config.vocab_size
     motif = torch.randint(3, v, (12,), generator=gen).tolist()  # repeated patterns: something to learn
     samples = [Sample(torch.randint(3, v, (4,), generator=gen).tolist() + motif[i % 5:] + motif * 2, 4, True)
                for i in range(8)]
-    feats = target_features(target, [s.token_ids for s in samples])
+    return samples, target_features(target, [s.token_ids for s in samples])
+
+
+def _fresh(target, samples) -> EagleHead:
     torch.manual_seed(0)
-    head = EagleHead(target, build_draft_vocab(samples, v, 64, {2}))
-    index = torch.full((v,), IGNORE)
+    return EagleHead(target, build_draft_vocab(samples, target.config.vocab_size, 64, {2}))
+
+
+def _train(head: EagleHead, samples, feats) -> list[float]:
+    index = torch.full((head.config.vocab_size,), IGNORE)
     index[head.draft_vocab] = torch.arange(head.draft_vocab_size)
     batches = make_batches(samples, feats, index, batch_tokens=256, device=torch.device("cpu"))
+    return train_head(head, batches, TrainConfig(epochs=30, depth=2, lr=1e-2, progress=False))
+
+
+def test_a_short_training_run_lowers_the_loss(target):
+    samples, feats = _motif_samples(target)
+    head = _fresh(target, samples)
     before = evaluate_acceptance(head, samples, feats, k=K)
-    losses = train_head(head, batches, TrainConfig(epochs=30, depth=2, lr=1e-2, progress=False))
+    losses = _train(head, samples, feats)
     after = evaluate_acceptance(head, samples, feats, k=K)
     assert losses[-1] < 0.8 * losses[0]  # the feature loss keeps a floor: the input noise
     assert 1.0 <= before.mean_accepted_length < after.mean_accepted_length <= K + 1
+
+
+def test_fine_tuning_starts_from_the_given_head(target, tmp_path):
+    """`--init`: the saved head's weights and draft vocabulary carry over; the borrowed LM head stays fixed."""
+    samples, feats = _motif_samples(target)
+    trained = _fresh(target, samples)
+    losses = _train(trained, samples, feats)
+    path = save_eagle(trained, tmp_path / "trained.safetensors")
+    data = TrainingData(target, samples, feats, samples, feats, {2}, {})
+    head, tuned = fit_head(TrainConfig(epochs=1, depth=2, lr=1e-6, progress=False, init=path), data)
+    assert torch.equal(head.draft_vocab, trained.draft_vocab)
+    assert torch.equal(head.draft_head.weight_t, trained.draft_head.weight_t)
+    assert tuned[0] < 1.1 * losses[-1] < losses[0]  # it goes on from the trained head's loss, not a fresh one's
+    kept = evaluate_acceptance(head, samples, feats, k=K).mean_accepted_length
+    assert kept == pytest.approx(evaluate_acceptance(trained, samples, feats, k=K).mean_accepted_length, abs=0.3)
 
 
 def _tiny_tokenizer(tiny_llama_dir):
