@@ -14,6 +14,7 @@ import torch
 
 from decoding.proposers import Proposal
 from kernels import AttentionMetadata
+from kernels.cpu_ops import argmax
 
 # advance(drafts [P'], states [P', ...], active) -> the drafter's next states [P', ...]; `active` indexes
 # the requests still drafting (positions into the caller's list), in the rows' order
@@ -39,7 +40,7 @@ def draft_from_logits(logits: torch.Tensor, draft_vocab: torch.Tensor, temperatu
     into the full vocabulary [V] (zero outside the draft vocabulary), or None when greedy; and the drafter's
     confidence in each draft, softmax(logits)[d] [R] (EAGLE-2 found it tracks the chance of acceptance).
     """
-    picks = logits.argmax(dim=-1)  # [R]
+    picks = argmax(logits)  # [R]
     probs: list[torch.Tensor | None] = [None] * len(temperatures)
     sampled = [r for r, t in enumerate(temperatures) if t > 0]
     if sampled:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding.penalties import apply_penalties
+from kernels.cpu_ops import argmax
 from engine.sampling_params import SamplingParams
 
 GREEDY_EPS = 1e-5  # same threshold as SamplingParams.greedy
@@ -257,7 +258,7 @@ def logits_to_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     adjusted = adjust_logits(logits.to(torch.float32, copy=True), meta)  # [N, V]
     if meta.all_random:
         return _sampling_probs(adjusted, meta)
-    one_hot = F.one_hot(adjusted.argmax(dim=-1), adjusted.shape[-1]).to(torch.float32)  # [N, V]
+    one_hot = F.one_hot(argmax(adjusted), adjusted.shape[-1]).to(torch.float32)  # [N, V]
     if meta.all_greedy:
         return one_hot
     return torch.where(meta.is_greedy[:, None], one_hot, _sampling_probs(adjusted, meta))
@@ -278,7 +279,7 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> tor
         q[row].exponential_(generator=generators[row])
     # a zero draw would turn 0 / 0 into NaN, which argmax treats as the maximum
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return probs.div(q).argmax(dim=-1)
+    return argmax(probs.div(q))
 
 
 def gather_logprobs(
@@ -298,10 +299,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if meta.all_greedy and meta.no_adjustments:
-            token_ids = logits.argmax(dim=-1)  # the common case: no copy, no softmax
+            token_ids = argmax(logits)  # the common case: no copy, no softmax
         else:
             adjusted = adjust_logits(logits.to(torch.float32, copy=True), meta)  # [N, V]
-            greedy_ids = None if meta.all_random else adjusted.argmax(dim=-1)  # [N]
+            greedy_ids = None if meta.all_random else argmax(adjusted)  # [N]
             if meta.all_greedy:
                 token_ids = greedy_ids
             else:

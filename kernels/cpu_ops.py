@@ -107,6 +107,26 @@ void int8_prepare_f32(const float *x, int64_t xs, const float *mask, const int64
         for (int64_t i = 0; i < N; ++i) yt[i] /= mx;
     }
 }
+
+/* out[t] = the index of the first maximum of row t of x [T, N] (rows at stride xs), a NaN counting as the
+   maximum, as torch.argmax has it. */
+void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *r = x + t * xs;
+        float mx = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(max:mx) reduction(|:nan)
+        for (int64_t i = 0; i < N; ++i) {
+            mx = r[i] > mx ? r[i] : mx;
+            nan |= r[i] != r[i];
+        }
+        int64_t at = 0;
+        if (nan) while (r[at] == r[at]) ++at;
+        else while (at < N - 1 && r[at] != mx) ++at;  /* all -inf: index 0, as torch */
+        out[t] = at;
+    }
+}
 """
 
 # Below this many elements a call runs on one thread: a parallel region costs more than the work.
@@ -125,6 +145,7 @@ def _library() -> ctypes.CDLL | None:
         "silu_and_mul_f32": [ptr, ptr, i64, i64, i32],
         "rope_write_kv_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32],
         "int8_prepare_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
+        "argmax_rows_f32": [ptr, i64, ptr, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -222,3 +243,15 @@ def int8_prepare(x: torch.Tensor, outliers: torch.Tensor, inlier_mask: torch.Ten
                          y.data_ptr(), o.data_ptr(), scale.data_ptr(), t, n,
                          _threads(t * n))
     return y, (o if len(outliers) else None), scale
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a 2-D tensor [T, N] -> [T] int64. torch's CPU argmax over rows of a vocabulary
+    ran at ~3 GB/s (1.9 ms for 32 x 49152 logits, against 0.09 ms for amax); this reads them at memory speed."""
+    lib = _fast(x)
+    if lib is None or x.dim() != 2 or x.shape[1] == 0:
+        return x.argmax(dim=-1)
+    t, n = x.shape
+    out = torch.empty(t, dtype=torch.int64)
+    lib.argmax_rows_f32(x.data_ptr(), x.stride(0), out.data_ptr(), t, n, _threads(t * n))
+    return out

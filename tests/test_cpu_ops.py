@@ -100,3 +100,15 @@ def test_int8_prepare_matches_its_torch_path(t, k):
             torch.testing.assert_close(o, x[:, outliers])
         else:
             assert o is None
+
+
+def test_argmax_matches_torch_on_ties_nan_and_strided_rows():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1000, generator=gen)
+    x[0, 7] = x[0, 900] = 50.0  # a tie: the first index
+    x[1, 17] = x[1, 500] = float("nan")  # torch counts NaN as the maximum
+    x[2] = float("-inf")  # every entry masked
+    x[3, :10] = float("-inf")
+    x[4, 999] = 99.0  # the last entry
+    for t in (x, x[:, 3:997], torch.randn(32, 49152, generator=gen), torch.randn(1, 5, generator=gen)):
+        assert torch.equal(cpu_ops.argmax(t), t.argmax(dim=-1))
