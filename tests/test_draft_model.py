@@ -80,3 +80,16 @@ def test_draft_model_must_be_named_and_share_the_vocabulary(tiny_llama_dir, tmp_
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(str(tiny_llama_dir), speculative="draft", speculative_model=str(wider), num_kv_blocks=16,
             quantization="none")
+
+
+def test_the_twin_draft_stays_level_through_preemption(tiny_llama_dir, base):
+    """A pool too small for all four at once: preempted requests are recomputed from position 0, and the
+    draft's cache must be rebuilt with them (every draft of the target's twin is still accepted)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    spec = _spec(tiny_llama_dir, tiny_llama_dir, num_kv_blocks=40)
+    got = spec.generate(PROMPTS, params)
+    stats = spec.engine.stats()
+    assert stats.num_preempted_total > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in base.generate(PROMPTS, params)]
+    assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+    assert stats.kv_blocks_used == 0
