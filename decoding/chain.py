@@ -68,10 +68,6 @@ def draft_chain(drafter: Drafter, states: torch.Tensor, request_ids: list[str], 
     active = list(range(len(ks)))  # states, drafts and value are aligned with it
     value = torch.ones(len(ks), device=states.device)  # [P] the drafter's P(every draft so far is accepted)
     for step in range(max(ks, default=0)):
-        if step:
-            idx = torch.tensor(keep, device=states.device)
-            states = drafter.advance(drafts[idx], states[idx], active)
-            value = value[idx]
         drafts, probs, confidence = draft_from_logits(drafter.logits(states), drafter.draft_vocab,
                                                       [temperatures[a] for a in active], drafter.vocab_size, generator)
         value = value * confidence
@@ -81,9 +77,12 @@ def draft_chain(drafter: Drafter, states: torch.Tensor, request_ids: list[str], 
                 tokens[a].append(d)
                 qs[a].append(q)
         keep = [i for i, a in enumerate(active) if worth[i] and ks[a] > step + 1]
-        active = [active[i] for i in keep]
-        if not active:
+        if not keep:
             break
+        active = [active[i] for i in keep]
+        idx = torch.tensor(keep, device=states.device)
+        states = drafter.advance(drafts[idx], states[idx], active)
+        value = value[idx]
     return {request_ids[a]: Proposal(tokens[a], None if temperatures[a] <= 0 else torch.stack(qs[a]))  # q: [k, V]
             for a in range(len(ks)) if tokens[a]}
 

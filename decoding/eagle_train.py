@@ -37,9 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from decoding.eagle import DEFAULT_HEAD, EagleHead, load_eagle, save_eagle
-from decoding.eagle_data import Sample, generate_samples, self_written_conversations, target_features
-from decoding.eagle_prompts import chat_prompts
-from engine.model import LlamaForCausalLM
+from decoding.eagle_data import Sample, TrainingData, collect_data
 
 IGNORE = -100
 
@@ -255,50 +253,6 @@ def evaluate_acceptance(head: EagleHead, samples: list[Sample], features: list[t
 
 
 # --- the whole pipeline ------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingData:
-    model: LlamaForCausalLM
-    train: list[Sample]
-    train_features: list[torch.Tensor]
-    heldout: list[Sample]
-    heldout_features: list[torch.Tensor]
-    eos_token_ids: set[int]
-    seconds: dict[str, float]
-
-
-def collect_data(cfg: TrainConfig) -> TrainingData:
-    """Prompts -> answers (Sluice, fp32) -> the target's features of every sequence."""
-    from engine import LLM
-
-    torch.manual_seed(cfg.seed)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    max_len = cfg.max_tokens + 256  # chat prompts here are short
-    llm = LLM(model=cfg.model, device=cfg.device, dtype="fp32", quantization="none", max_num_seqs=cfg.max_num_seqs,
-              max_num_batched_tokens=max(2048, cfg.max_num_seqs * 16),
-              num_kv_blocks=cfg.max_num_seqs * (-(-max_len // 16)) + 64)
-    engine = llm.engine
-    conversations = chat_prompts(cfg.num_prompts + cfg.heldout_prompts, cfg.seed)
-    train_convs, heldout_convs = conversations[:cfg.num_prompts], conversations[cfg.num_prompts:]
-    if cfg.self_written_prompts:
-        written = self_written_conversations(llm, cfg.self_written_prompts + cfg.heldout_prompts, cfg.seed,
-                                             progress=cfg.progress)
-        train_convs += written[cfg.heldout_prompts:]
-        heldout_convs += written[:cfg.heldout_prompts]
-    heldout = generate_samples(llm, heldout_convs, cfg, greedy_only=True)
-    train = generate_samples(llm, train_convs, cfg, budget_s=cfg.generate_seconds)
-    seconds["generate"] = time.perf_counter() - t0
-    model = engine.loaded.model
-    eos = set(engine.eos_token_ids) | set(model.config.eos_token_ids)
-    del llm, engine  # the KV cache
-
-    t0 = time.perf_counter()
-    train_feats = target_features(model, [s.token_ids for s in train], progress=cfg.progress)
-    heldout_feats = target_features(model, [s.token_ids for s in heldout], progress=cfg.progress)
-    seconds["features"] = time.perf_counter() - t0
-    return TrainingData(model, train, train_feats, heldout, heldout_feats, eos, seconds)
 
 
 def fit_head(cfg: TrainConfig, data: TrainingData, samples: list[Sample] | None = None,

@@ -27,7 +27,7 @@ from engine.llm_engine import LLMEngine, PreparedRequest
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerStats
+from engine.stats import SchedulerStats
 
 log = logging.getLogger("sluice.async_engine")
 

@@ -20,7 +20,8 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerStats
+from engine.scheduler import Scheduler
+from engine.stats import SchedulerStats
 from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 

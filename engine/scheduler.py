@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from engine.block_manager import BlockManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+from engine.stats import SchedulerStats, SpecCounters
 
 if TYPE_CHECKING:
     from engine.structured_output import GrammarBitmask
@@ -61,46 +62,6 @@ class RequestUpdate:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    num_preempted_total: int
-    kv_blocks_used: int
-    kv_blocks_free: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    tokens_last_step: int
-    spec_draft_tokens: int = 0  # drafts verified so far
-    spec_accepted_tokens: int = 0
-    spec_accepted_by_position: list[int] = field(default_factory=list)  # accepted at draft position i
-    spec_verify_steps: int = 0  # request-steps that verified at least one draft
-    spec_draft_seconds: float = 0.0  # time the runner spent proposing drafts (filled in by the engine)
-    step_seconds: float = 0.0  # time the runner spent executing steps (filled in by the engine)
-
-    @property
-    def spec_acceptance_rate(self) -> float:
-        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
-
-    @property
-    def spec_draft_time_share(self) -> float:
-        return self.spec_draft_seconds / self.step_seconds if self.step_seconds else 0.0
-
-    @property
-    def spec_acceptance_by_position(self) -> list[float]:
-        """Share of verifying request-steps whose draft i was accepted."""
-        return [a / self.spec_verify_steps for a in self.spec_accepted_by_position] if self.spec_verify_steps else []
-
-    @property
-    def spec_mean_accepted_length(self) -> float:
-        """Tokens emitted per verifying request-step: accepted drafts plus the one the target adds."""
-        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  stop_token_ids: set[int], num_lookahead_tokens: int = 0):
@@ -118,7 +79,7 @@ class Scheduler:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.tokens_last_step = 0
-        self.spec = _SpecCounters()
+        self.spec = SpecCounters()
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -325,20 +286,3 @@ class Scheduler:
                               self.blocks.num_used_blocks, self.blocks.num_free_blocks,
                               self.prefix_queries, self.prefix_hits, self.tokens_last_step,
                               spec.drafts, spec.accepted, list(spec.accepted_by_position), spec.steps)
-
-
-@dataclass
-class _SpecCounters:
-    drafts: int = 0
-    accepted: int = 0
-    steps: int = 0
-    accepted_by_position: list[int] = field(default_factory=list)
-
-    def record(self, num_drafts: int, num_accepted: int) -> None:
-        self.drafts += num_drafts
-        self.accepted += num_accepted
-        self.steps += 1
-        if len(self.accepted_by_position) < num_drafts:
-            self.accepted_by_position.extend([0] * (num_drafts - len(self.accepted_by_position)))
-        for i in range(num_accepted):
-            self.accepted_by_position[i] += 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from decoding.eagle import EagleHead, EagleProposer, load_eagle, read_eagle_metadata, save_eagle
-from decoding.eagle_data import Sample, self_written_conversations, target_features, user_turn_prefix
-from decoding.eagle_train import (IGNORE, TrainConfig, TrainingData, build_draft_vocab, evaluate_acceptance,
-                                  fit_head, make_batches, train_head)
+from decoding.eagle_data import Sample, TrainingData, self_written_conversations, target_features, user_turn_prefix
+from decoding.eagle_train import (IGNORE, TrainConfig, build_draft_vocab, evaluate_acceptance, fit_head,
+                                  make_batches, train_head)
 from decoding.proposers import FeatureBatch
 from engine.loader import load_model
 
