@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from decoding.penalties import apply_penalties
-from kernels.cpu_ops import argmax
 from engine.sampling_params import SamplingParams
+from kernels.cpu_ops import argmax
 
 GREEDY_EPS = 1e-5  # same threshold as SamplingParams.greedy
 
