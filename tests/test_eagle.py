@@ -264,3 +264,12 @@ def test_the_head_is_skipped_while_the_batch_is_too_large_to_draft(target, tiny_
     llm.generate(["one two three"], params)  # alone: the head runs and drafts
     assert calls and llm.engine.stats().spec_draft_tokens > 0
     assert not llm.engine.runner.undraftable  # the finished requests were forgotten at the next step
+    # a prompt longer than the step's token budget: its chunks reach the head from the first, in steps
+    # that sample nothing, so that the head's KV has no holes
+    chunked = LLM(str(tiny_llama_dir), num_kv_blocks=128, block_size=BLOCK, quantization="none", speculative="eagle",
+                  speculative_model=str(path), num_speculative_tokens=K, speculative_max_batch=1,
+                  speculative_min_draft_prob=0, max_num_batched_tokens=8)
+    seen: list[FeatureBatch] = []
+    monkeypatch.setattr(chunked.engine.runner.proposer, "propose_from_features", lambda fb: seen.append(fb) or {})
+    chunked.generate(["a long prompt that takes a few chunks of eight tokens to get in"], params)
+    assert [fb.seq_lens[0] for fb in seen[:2]] == [8, 16] and not any(seen[0].propose)
