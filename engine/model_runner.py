@@ -206,9 +206,11 @@ class ModelRunner:
 
     def _propose_from_features(self, scheduled: list[ScheduledRequest], batch: BatchInputs, hidden: torch.Tensor,
                                sampled: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Hand the draft head every position this step made valid, with the token that follows each."""
+        """Hand the feature proposer (EAGLE head, draft model) every position this step made valid, with its
+        token and the token that follows it."""
         if len(sampled) > self.speculative_max_batch:
-            # Too many to draft for: skip the head's forward, which cost ~10% of such a step (batch 16).
+            # Too many to draft for: skip the drafter's forward (the EAGLE head's cost ~10% of such a step
+            # at batch 16).
             self.undraftable.update(s.request_id for s in scheduled)
             return {}
         rows, token_ids, next_ids, seq_lens, starts = [], [], [], [], [0]

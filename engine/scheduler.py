@@ -69,7 +69,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stop_token_ids = stop_token_ids  # the model's EOS ids
-        # slots past the last token that a draft head writes its own KV into while drafting (EAGLE)
+        # slots past the last token that a drafter writes its own KV into while drafting (EAGLE, draft model)
         self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
         self.running: list[Request] = []
@@ -149,9 +149,9 @@ class Scheduler:
             req.num_cached_tokens = n_hit
 
     def _ahead(self, req: Request, n: int, drafts: list[int]) -> int:
-        """Slots reserved past the scheduled tokens: the drafts', or the draft head's lookahead."""
+        """Slots reserved past the scheduled tokens: the drafts', or the drafter's lookahead."""
         reaches_end = req.num_computed_tokens + n == req.num_tokens
-        # the draft head writes up to k positions past the accepted drafts
+        # the drafter writes up to k positions past the accepted drafts
         return len(drafts) + (self.num_lookahead_tokens if reaches_end else 0)
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
