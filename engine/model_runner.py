@@ -65,8 +65,8 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch
         self.draft_probs: dict[str, torch.Tensor] = {}  # q of drafts proposed last step, until verified
-        # requests that ran a step while the batch was too large to draft: a feature proposer skipped
-        # them, so its KV has holes at their positions, and they never get drafts
+        # requests that ran a step while the batch was too large to draft: a feature proposer skipped them,
+        # so its KV has holes at their positions; they never get drafts, and it no longer runs over their rows
         self.undraftable: set[str] = set()
         self.step_seconds = self.draft_seconds = 0.0  # for the drafting share in the stats
         if isinstance(proposer, FeatureProposer):
@@ -207,15 +207,25 @@ class ModelRunner:
     def _propose_from_features(self, scheduled: list[ScheduledRequest], batch: BatchInputs, hidden: torch.Tensor,
                                sampled: dict[str, list[int]]) -> dict[str, list[int]]:
         """Hand the feature proposer (EAGLE head, draft model) every position this step made valid, with its
-        token and the token that follows it."""
+        token and the token that follows it: all but the undraftable requests', whose drafter KV is of no use."""
         if len(sampled) > self.speculative_max_batch:
             # Too many to draft for: skip the drafter's forward (the EAGLE head's cost ~10% of such a step
             # at batch 16).
             self.undraftable.update(s.request_id for s in scheduled)
             return {}
+        keep = [i for i, s in enumerate(scheduled) if s.request_id not in self.undraftable]
+        if not keep:
+            return {}
+        return self._keep(self.proposer.propose_from_features(self._feature_batch(scheduled, keep, batch, hidden,
+                                                                                  sampled)))
+
+    def _feature_batch(self, scheduled: list[ScheduledRequest], keep: list[int], batch: BatchInputs,
+                       hidden: torch.Tensor, sampled: dict[str, list[int]]) -> FeatureBatch:
+        """The rows of the requests scheduled[i] for i in keep, flattened."""
         rows, token_ids, next_ids, seq_lens, starts = [], [], [], [], [0]
         q_start = batch.attn.query_start_loc
-        for i, s in enumerate(scheduled):
+        kept = [scheduled[i] for i in keep]
+        for i, s in zip(keep, kept):
             n_real = len(s.token_ids) - s.num_draft_tokens
             if s.request_id in sampled:
                 known = s.token_ids[:n_real] + sampled[s.request_id]  # accepted drafts, then the new token
@@ -229,18 +239,19 @@ class ModelRunner:
             next_ids.extend(known[1:])
             seq_lens.append(s.start_pos + valid)
             starts.append(starts[-1] + valid)
-        fb = FeatureBatch(
-            request_ids=[s.request_id for s in scheduled],
+        tables = batch.attn.block_tables
+        if len(keep) < len(scheduled):
+            tables = tables[torch.tensor(keep, device=tables.device)]
+        return FeatureBatch(
+            request_ids=[s.request_id for s in kept],
             hidden=hidden[torch.tensor(rows, device=hidden.device)],
             token_ids=torch.tensor(token_ids, device=self.device),
             next_token_ids=torch.tensor(next_ids, device=self.device),
             positions=batch.positions[torch.tensor(rows, device=self.device)],
-            starts=starts, seq_lens=seq_lens, block_tables=batch.attn.block_tables, block_size=self.block_size,
-            propose=[s.propose_drafts and s.request_id in sampled and s.request_id not in self.undraftable
-                     for s in scheduled],
-            temperatures=[0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in scheduled],
-            max_drafts=[_draft_room(s, sampled) for s in scheduled])
-        return self._keep(self.proposer.propose_from_features(fb))
+            starts=starts, seq_lens=seq_lens, block_tables=tables, block_size=self.block_size,
+            propose=[s.propose_drafts and s.request_id in sampled for s in kept],
+            temperatures=[0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in kept],
+            max_drafts=[_draft_room(s, sampled) for s in kept])
 
     def _keep(self, proposals: dict[str, Proposal]) -> dict[str, list[int]]:
         """Hold each proposal's draft distributions until the next step verifies it; the drafts go out."""

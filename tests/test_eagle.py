@@ -258,9 +258,11 @@ def test_the_head_is_skipped_while_the_batch_is_too_large_to_draft(target, tiny_
     real = proposer.propose_from_features
     monkeypatch.setattr(proposer, "propose_from_features", lambda fb: calls.append(fb.request_ids) or real(fb))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm.generate(["one two three", "four five six seven"], params)  # both sample in every step
+    short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    # both sample in every step; then the second runs alone, but its head KV has holes: the head stays off
+    llm.generate(["one two three", "four five six seven"], [short, params])
     assert calls == [] and llm.engine.stats().spec_draft_tokens == 0
-    assert llm.engine.runner.undraftable == {"offline-0", "offline-1"}
+    assert llm.engine.runner.undraftable == {"offline-1"}  # offline-0 finished first and was forgotten
     llm.generate(["one two three"], params)  # alone: the head runs and drafts
     assert calls and llm.engine.stats().spec_draft_tokens > 0
     assert not llm.engine.runner.undraftable  # the finished requests were forgotten at the next step
