@@ -13,6 +13,7 @@ import torch
 from decoding.chain import Drafter, decode_metadata, draft_chain, rows_metadata
 from decoding.proposers import FeatureBatch, Proposal
 from engine.model import LlamaForCausalLM
+from engine.model_runner import allocate_kv_caches, kv_cache_bytes_per_block
 
 
 class DraftModelProposer:
@@ -33,15 +34,10 @@ class DraftModelProposer:
         self.vocab = torch.arange(model.config.vocab_size, device=param.device)  # drafts over the whole vocabulary
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        cfg = self.model.config
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        return kv_cache_bytes_per_block(self.model.config, block_size, self.dtype)
 
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        cfg = self.model.config
-        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # zeros, as the target's: padded decode rows read masked slots, and 0 * NaN would poison them
-        pool = torch.zeros(shape, dtype=self.dtype, device=device)
-        self.kv_caches = [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_caches(self.model.config, num_blocks, block_size, self.dtype, device)
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
 
     @torch.inference_mode()

@@ -24,6 +24,7 @@ from decoding.proposers import FeatureBatch, Proposal
 from engine.config import ModelConfig
 from engine.linear import PACKERS, Linear
 from engine.model import DecoderLayer, LlamaForCausalLM, RMSNorm
+from engine.model_runner import kv_cache_bytes_per_block
 from engine.rope import apply_rope
 from kernels import AttentionMetadata
 
@@ -192,8 +193,8 @@ class EagleProposer:
         self.generator: torch.Generator | None = None
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        cfg = self.head.config  # one layer
-        return 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        cfg = self.head.config
+        return kv_cache_bytes_per_block(cfg, block_size, dtype) // cfg.num_layers  # one layer's
 
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         cfg = self.head.config

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from decoding.chain import rows_metadata
 from decoding.eagle_prompts import chat_prompts
 from engine.model import LlamaForCausalLM
 from engine.tokenizer import Message, render_chat
-from kernels import AttentionMetadata
 
 if TYPE_CHECKING:
     from decoding.eagle_train import TrainConfig
@@ -134,14 +134,10 @@ def target_features(model: LlamaForCausalLM, sequences: list[list[int]], max_bat
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        rows = torch.repeat_interleave(torch.arange(len(batch), device=dev), torch.tensor(lens, device=dev))
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
-        meta = AttentionMetadata(slot_mapping=block_tables[rows, positions // block_size] * block_size
-                                 + positions % block_size, block_tables=block_tables,
-                                 seq_lens=torch.tensor(lens, device=dev), query_start_loc=starts,
-                                 seq_lens_list=lens, block_size=block_size)
+        meta = rows_metadata(block_tables, starts, positions, lens, block_size)
         ids = torch.tensor([t for s in batch for t in s], device=dev)
         hidden = model(ids, positions, caches, meta).float()  # [T, H]
         out += list(hidden.split(lens))

@@ -41,6 +41,19 @@ def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dty
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
+def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(K, V) per layer, each [num_blocks, block_size, KVH, D], views of one pool."""
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    # Written now, not left to calloc: a fresh allocation faults each page on first write, and prefix
+    # caching hands out never-touched blocks first, so serving would pay those faults. Zeros, too:
+    # padded decode rows read (masked) slots, and 0 * NaN would poison them.
+    pool = torch.empty((cfg.num_layers, 2, *shape), dtype=dtype, device=device)
+    advise_huge_pages(pool)
+    pool.zero_()
+    return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  proposer: Proposer | None = None, speculative_max_batch: int = 4):
@@ -51,16 +64,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        cfg = self.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # One pool for every layer's K and V (each view contiguous). Written now, not left to calloc: a
-        # fresh allocation faults each page on first write, and prefix caching hands out never-touched
-        # blocks first, so serving would pay those faults. Zeros, too:
-        # padded decode rows read (masked) slots, and 0 * NaN would poison them.
-        pool = torch.empty((cfg.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
-        advise_huge_pages(pool)
-        pool.zero_()
-        self.kv_caches = [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch
