@@ -245,3 +245,161 @@ def test_phone_width_layout(browser, server):
     assert pg.is_visible("[data-testid=max-tokens]")
     assert pg.get_attribute("[data-testid=settings-toggle]", "aria-expanded") == "true"
     context.close()
+
+
+def test_markdown_lists_code_and_links(ui):
+    """Code blocks inside list items, code spans inside link labels, parentheses inside URLs."""
+    page, _ = ui
+    cases = {
+        "steps": "1. Install:\n   ```bash\n   pip install x\n   ```\n2. Run:\n\n   ```\n   sluice serve\n   ```\n3. Done",
+        "streaming": "1. Step\n   ```py\n   x = 1",  # the fence is still open mid-stream
+        "label": "[the `LLM` class](https://example.com/llm)",
+        "parens": "[Rust](https://en.wikipedia.org/wiki/Rust_(programming_language)) or "
+                  "https://en.wikipedia.org/wiki/Foo_(bar).",
+    }
+    out = page.evaluate("""cases => {
+        const result = {};
+        for (const [name, source] of Object.entries(cases)) {
+            const box = document.createElement('div');
+            box.innerHTML = window.sluice.renderMarkdown(source);
+            result[name] = {
+                html: box.innerHTML,
+                lists: box.querySelectorAll('ol').length,
+                items: [...box.querySelectorAll('ol > li')].map(li => li.querySelector('pre code')?.textContent ?? null),
+                links: [...box.querySelectorAll('a')].map(a => [a.getAttribute('href'), a.innerHTML]),
+            };
+        }
+        return result;
+    }""", cases)
+    assert out["steps"]["lists"] == 1, out["steps"]["html"]  # one list: the code blocks do not split it
+    assert out["steps"]["items"] == ["pip install x", "sluice serve", None], out["steps"]["html"]
+    assert out["streaming"]["items"] == ["x = 1"], out["streaming"]["html"]
+    assert out["label"]["links"] == [["https://example.com/llm", "the <code>LLM</code> class"]]
+    assert "\x00" not in out["label"]["html"]
+    assert [href for href, _ in out["parens"]["links"]] == [
+        "https://en.wikipedia.org/wiki/Rust_(programming_language)", "https://en.wikipedia.org/wiki/Foo_(bar)"]
+
+
+def test_keyboard_focus_follows_send_and_stop(ui):
+    page, _ = ui
+    page.fill("[data-testid=max-tokens]", str(MAX_TOKENS))
+    page.fill("[data-testid=prompt]", "Tell me a story.")
+    page.focus("[data-testid=prompt]")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.testid") == "send"
+    page.keyboard.press("Enter")  # Send turns into Stop, and the focus goes with it
+    answer = _last_answer(page)
+    _watch_growth(answer, samples=1)
+    assert page.evaluate("document.activeElement.dataset.testid") == "stop"
+    # While the cancel is on its way Stop is inactive (seen from a listener after the page's own, as the
+    # cancelled answer may end at once), but not disabled, which would throw the focus to <body>...
+    page.evaluate("""() => document.querySelector('[data-testid=stop]').addEventListener('click', (event) => {
+        window.afterStop = [event.target.getAttribute('aria-disabled'), event.target.disabled];
+    })""")
+    page.keyboard.press("Enter")
+    _wait_state(answer, "stopped")
+    assert page.evaluate("window.afterStop") == ["true", False]
+    # ...and focus goes back to the message box once the answer has ended.
+    assert page.evaluate("document.activeElement.dataset.testid") == "prompt"
+
+
+def test_a_request_refused_unread_ends_the_answer(ui):
+    """A request frame over the server's size limit gets an error with id null: the answer must end with it
+    rather than wait forever, and the page stays usable."""
+    page, frames = ui
+    _ask(page, "x" * (1 << 20))
+    answer = _last_answer(page)
+    _wait_state(answer, "error")
+    assert "body_too_large" in answer.locator("[data-testid=message-meta]").inner_text()
+    assert page.input_value("[data-testid=prompt]") == "x" * (1 << 20)  # handed back to fix and retry
+    assert page.is_visible("[data-testid=send]") and not page.is_visible("[data-testid=stop]")
+    assert page.evaluate("window.sluice.conversation()") == []
+    page.fill("[data-testid=max-tokens]", "4")
+    _ask(page, "Hi")
+    _wait_state(_last_answer(page), "done")
+
+
+def test_new_chat_while_streaming_leaves_nothing_of_the_old_answer(ui):
+    page, frames = ui
+    page.fill("[data-testid=max-tokens]", str(MAX_TOKENS))
+    _ask(page, "Tell me a story.")
+    _watch_growth(_last_answer(page), samples=1)
+    # Hold the page's frame callbacks, so that a render of the old answer is still queued at New chat.
+    page.evaluate("""() => {
+        window.heldFrames = [];
+        window.requestAnimationFrame = (callback) => window.heldFrames.push(callback);
+    }""")
+    page.wait_for_function("window.heldFrames.length > 0", polling=20)
+    page.click("[data-testid=new-chat]")
+    page.evaluate("window.heldFrames.forEach((callback) => callback(performance.now()))")
+    assert page.locator("[data-testid=assistant-message]").count() == 0
+    assert [_stat(page, name) for name in ("ttft", "tps", "tokens")] == ["–", "–", "–"]
+    assert [f["type"] for f in frames.sent] == ["request", "cancel"]
+
+
+def test_without_the_api_key(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(f"{server.url}/")
+    page.wait_for_selector("[data-testid=conn-status][data-state=refused]")
+    _ask(page, "Hi")
+    answer = _last_answer(page)
+    _wait_state(answer, "error")
+    # The page says what is wrong and where to fix it (not "it will reconnect": it will not).
+    assert "API key" in answer.locator("[data-testid=message-meta]").inner_text()
+    assert page.evaluate("document.activeElement.dataset.testid") == "api-key"
+    page.keyboard.type(KEY)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("[data-testid=conn-status][data-state=open]")
+    page.fill("[data-testid=max-tokens]", "4")
+    _ask(page, "Hi")
+    _wait_state(_last_answer(page), "done")
+    context.close()
+
+
+def test_a_dropped_socket_ends_the_answer_and_reconnects(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sockets, models = [], []
+
+    def proxy(ws):  # the page's socket, through Playwright, so that the test can cut it
+        sockets.append((ws, ws.connect_to_server()))
+
+    def models_route(route):  # after the drop the "restarted" server serves a model under another name
+        models.append(route.request.url)
+        if len(sockets) < 2:
+            route.continue_()
+        else:
+            route.fulfill(json={"object": "list", "data": [{"id": "renamed", "object": "model"}]})
+
+    page.route_web_socket(re.compile(r".*/v1/ws.*"), proxy)
+    page.route(re.compile(r".*/v1/models$"), models_route)
+    frames = Frames(page)
+    page.goto(f"{server.url}/?api_key={KEY}")
+    page.wait_for_selector("[data-testid=conn-status][data-state=open]")
+    page.fill("[data-testid=max-tokens]", str(MAX_TOKENS))
+    _ask(page, "Tell me a story.")
+    answer = _last_answer(page)
+    _watch_growth(answer, samples=1)
+
+    for ws in sockets[-1]:
+        ws.close(code=1011)
+    _wait_state(answer, "error")  # the answer ends with a visible error rather than spinning
+    assert "connection was lost" in answer.locator("[data-testid=message-meta]").inner_text()
+    assert page.input_value("[data-testid=prompt]") == "Tell me a story."
+    assert page.get_attribute("[data-testid=conn-status]", "data-state") in ("closed", "connecting")
+
+    page.wait_for_selector("[data-testid=conn-status][data-state=open]")  # on its own
+    assert len(sockets) == 2
+    page.wait_for_function("document.querySelector('[data-testid=model-name]').textContent === 'renamed'")
+    page.press("[data-testid=prompt]", "Enter")
+    second = _last_answer(page)
+    _wait_state(second, "error")  # this server does not know the new name: its 404 is shown
+    assert frames.requests()[-1]["body"]["model"] == "renamed"
+    assert "model_not_found" in second.locator("[data-testid=message-meta]").inner_text()
+    context.close()
+    assert not errors, errors

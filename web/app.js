@@ -113,6 +113,7 @@ class Connection {
     this.ws = null;
     this.attempt = 0; // failed opens in a row, for the back-off
     this.timer = null;
+    this.refused = false; // the server refused the API key; only a new key retries
   }
 
   get isOpen() { return this.ws?.readyState === WebSocket.OPEN; }
@@ -127,6 +128,7 @@ class Connection {
 
   connect() {
     clearTimeout(this.timer);
+    this.refused = false;
     this.onState("connecting");
     const ws = new WebSocket(this.url());
     this.ws = ws;
@@ -146,6 +148,7 @@ class Connection {
       this.ws = null;
       if (event.code === POLICY_VIOLATION) {
         // The key was refused: retrying with the same key cannot help. A new key reconnects.
+        this.refused = true;
         this.onState("refused");
         return;
       }
@@ -181,6 +184,7 @@ function showConnState(state, info = {}) {
   if (state === "open") {
     el.apiKey.setAttribute("aria-invalid", "false");
     el.status.textContent = "Connected";
+    modelFetch = null; // the server may have restarted with another model: ask again
     fetchModel();
   } else if (state === "connecting") {
     el.status.textContent = "Connecting…";
@@ -204,13 +208,17 @@ function fetchModel() {
   const key = el.apiKey.value.trim();
   modelFetch ??= fetch("/v1/models", { headers: key ? { Authorization: `Bearer ${key}` } : {} })
     .then((response) => (response.ok ? response.json() : null))
-    .then((list) => {
-      modelName = list?.data?.[0]?.id ?? null;
-      el.model.textContent = modelName ?? "";
-      return modelName;
-    })
+    .then((list) => list?.data?.[0]?.id ?? null)
     .catch(() => null)
-    .finally(() => { if (!modelName) modelFetch = null; }); // ask again next time
+    .then((name) => {
+      if (name) {
+        modelName = name;
+        el.model.textContent = name;
+      } else {
+        modelFetch = null; // ask again next time; until then, the last name known (if any) stands
+      }
+      return modelName;
+    });
   return modelFetch;
 }
 
@@ -218,6 +226,7 @@ function fetchModel() {
 
 const conversation = []; // {role, content}: what the next request sends after the system prompt
 let current = null; // the answer being streamed, if any
+let statsTurn = null; // the answer whose numbers the stats line shows
 let nextId = 0;
 
 function newId() {
@@ -300,14 +309,21 @@ async function sendMessage() {
   turn.bubble.setAttribute("aria-busy", "true");
   turn.bubble.querySelector(".msg-meta").textContent = "Waiting for the first token…";
   current = turn;
+  statsTurn = turn;
   setBusy(true);
   resetStats();
-  const model = modelName ?? await fetchModel();
+  const model = await fetchModel();
   if (turn.finished || turn.stopping) { // stopped, or a new chat, while the model's name was on its way
     finishTurn(turn, "cancelled");
     return;
   }
-  if (!conn.send({ type: "request", id: turn.id, body: buildBody(model) })) {
+  if (conn.send({ type: "request", id: turn.id, body: buildBody(model) })) {
+    turn.sent = true;
+  } else if (conn.refused) {
+    finishTurn(turn, "error", "The server refused the API key: enter the right one in Settings, then try again.");
+    setSettingsOpen(true);
+    el.apiKey.focus();
+  } else {
     finishTurn(turn, "error", "Not connected to the server; it will reconnect, then try again.");
   }
 }
@@ -316,7 +332,8 @@ function stopAnswer() {
   const turn = current;
   if (!turn || turn.stopping) return;
   turn.stopping = true;
-  el.stop.disabled = true;
+  // aria-disabled, not disabled: a disabled button drops keyboard focus (to <body>).
+  el.stop.setAttribute("aria-disabled", "true");
   turn.bubble.querySelector(".msg-meta").textContent = "Stopping…";
   if (!conn.send({ type: "cancel", id: turn.id })) {
     finishTurn(turn, "cancelled");
@@ -333,6 +350,7 @@ function newChat() {
     finishTurn(current, "cancelled");
   }
   conversation.length = 0;
+  statsTurn = null; // a render of the old answer still queued must not bring its numbers back
   el.messages.querySelectorAll(".msg").forEach((node) => node.remove());
   el.emptyHint.hidden = false;
   resetStats();
@@ -342,7 +360,15 @@ function newChat() {
 function onFrame(frame) {
   if (frame.type === "error" && (frame.id === null || frame.id === undefined)) {
     // A refused key is shown by the status line (the socket closes with 1008 next), not the chat.
-    if (frame.error?.code !== "invalid_api_key") showNotice(`Server error: ${frame.error?.message ?? "unknown error"}`);
+    if (frame.error?.code === "invalid_api_key") return;
+    // This page sends one request at a time and no other frame that can fail, so an error naming no
+    // request while ours waits for its first chunk is that request refused unread (e.g. a frame over
+    // the server's size limit): it ends that answer, which would otherwise wait forever.
+    if (current?.sent && current.firstAt === null) {
+      finishTurn(current, "error", errorText(frame.error));
+      return;
+    }
+    showNotice(`Server error: ${frame.error?.message ?? "unknown error"}`);
     return;
   }
   const turn = current;
@@ -362,10 +388,13 @@ function onFrame(frame) {
     turn.usage = frame.usage ?? null;
     finishTurn(turn, frame.finish_reason ?? "stop");
   } else if (frame.type === "error") {
-    const err = frame.error ?? {};
-    const code = err.code ? ` (${err.code})` : "";
-    finishTurn(turn, "error", `Error${code}: ${err.message ?? "the server could not answer"}`);
+    finishTurn(turn, "error", errorText(frame.error));
   }
+}
+
+function errorText(err) {
+  const code = err?.code ? ` (${err.code})` : "";
+  return `Error${code}: ${err?.message ?? "the server could not answer"}`;
 }
 
 // Re-rendering the markdown on every token would be wasted work; once per frame is enough.
@@ -429,12 +458,14 @@ function finishTurn(turn, reason, errorMessage) {
 }
 
 function setBusy(busy) {
+  // Keep the keyboard user where they were: Stop takes Send's place and focus follows it back.
+  // Read the focus first: hiding the focused button moves focus to <body> at once.
+  const focused = document.activeElement;
   el.send.hidden = busy;
   el.stop.hidden = !busy;
-  el.stop.disabled = false;
-  // Keep the keyboard user where they were: Stop takes Send's place and focus follows it back.
-  if (busy && document.activeElement === el.send) el.stop.focus();
-  if (!busy && document.activeElement === el.stop) el.prompt.focus();
+  el.stop.removeAttribute("aria-disabled");
+  if (busy && focused === el.send) el.stop.focus();
+  if (!busy && focused === el.stop) el.prompt.focus();
 }
 
 // ---------------------------------------------------------------- stats
@@ -446,7 +477,7 @@ function resetStats() {
 }
 
 function showStats(turn) {
-  if (turn.firstAt === null) return;
+  if (turn !== statsTurn || turn.firstAt === null) return;
   el.ttft.textContent = formatMs(turn.firstAt - turn.started);
   // While streaming, a content chunk stands for a token (the server may merge a few, e.g. a
   // multi-byte character); the final count comes from the server's usage.

@@ -17,26 +17,35 @@ export function escapeHtml(text) {
 // placeholder cannot be forged by the model.
 const HOLD = "\u0000";
 
+// A URL's characters: no white space, no (escaped) quote or angle bracket, and parentheses only in
+// balanced pairs, one level deep, as in https://en.wikipedia.org/wiki/Rust_(programming_language).
+const URL_CHAR = String.raw`(?:(?!&quot;|&#39;|&lt;|&gt;)[^\s()])`;
+const URL_BODY = String.raw`(?:${URL_CHAR}|\(${URL_CHAR}*\))+`;
+const LINK = new RegExp(String.raw`\[([^\]\n]+)\]\((https?:\/\/${URL_BODY})\)`, "g");
+const BARE_URL = new RegExp(String.raw`\bhttps?:\/\/${URL_BODY}`, "g");
+
 function renderInline(escaped) {
   const held = [];
   const hold = (html) => `${HOLD}${held.push(html) - 1}${HOLD}`;
 
   let s = escaped.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, ticks, code) => hold(`<code>${code}</code>`));
 
-  // [label](http://...): anything but http(s) stays literal text. The URL holds no white space and
-  // no (escaped) quotes; raw angle brackets cannot occur after escaping.
-  s = s.replace(/\[([^\]\n]+)\]\((https?:\/\/(?:(?!&quot;|&#39;)[^\s)])+)\)/g, (_, label, url) =>
+  // [label](http://...): anything but http(s) stays literal text.
+  s = s.replace(LINK, (_, label, url) =>
     hold(`<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${renderEmphasis(label)}</a>`));
-  // Bare URLs become links too. They end at white space or an escaped quote or bracket, and
-  // trailing punctuation (the end of a sentence) is left out of them.
-  s = s.replace(/\bhttps?:\/\/(?:(?!&quot;|&#39;|&lt;|&gt;)\S)+/g, (match) => {
-    const url = match.replace(/[.,:;!?)\]]+$/, "");
+  // Bare URLs become links too. Trailing punctuation (the end of a sentence) is left out of them.
+  s = s.replace(BARE_URL, (match) => {
+    const url = match.replace(/[.,:;!?\]]+$/, "");
     return hold(`<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${url}</a>`)
       + match.slice(url.length);
   });
 
   s = renderEmphasis(s);
-  return s.replace(new RegExp(`${HOLD}(\\d+)${HOLD}`, "g"), (_, i) => held[Number(i)]);
+  // Held pieces can hold others (a code span in a link's label), hence the loop; each pass takes
+  // out one level, and there are at most two.
+  const placeholder = new RegExp(`${HOLD}(\\d+)${HOLD}`, "g");
+  for (let pass = 0; pass < 3 && s.includes(HOLD); pass++) s = s.replace(placeholder, (_, i) => held[Number(i)]);
+  return s;
 }
 
 function renderEmphasis(s) {
@@ -68,14 +77,10 @@ function renderBlocks(lines) {
     let m;
     if (line.trim() === "") {
       i++;
-    } else if ((m = FENCE.exec(line))) {
-      // A fence still open at the end (mid-stream) runs to the end of the text.
-      const close = new RegExp(`^ {0,3}${m[1][0] === "`" ? "`" : "~"}{${m[1].length},}\\s*$`);
-      const body = [];
-      for (i++; i < lines.length && !close.test(lines[i]); i++) body.push(lines[i]);
-      i++;
-      const lang = m[2] ? ` data-lang="${m[2]}" class="language-${m[2]}"` : "";
-      out.push(`<pre><code${lang}>${body.join("\n")}</code></pre>`);
+    } else if (FENCE.test(line)) {
+      let html;
+      [html, i] = renderFence(lines, i);
+      out.push(html);
     } else if ((m = HEADING.exec(line))) {
       const level = m[1].length;
       out.push(`<h${level}>${renderInline(m[2])}</h${level}>`);
@@ -99,6 +104,21 @@ function renderBlocks(lines) {
   return out.join("");
 }
 
+// The fenced code block that opens at lines[start], and the index of the line after it. The fence's
+// own indentation (inside a list item, say) is taken off each line of its body. A fence still open
+// at the end (mid-stream) runs to the end of the text.
+function renderFence(lines, start) {
+  const pad = lines[start].search(/\S/);
+  const m = FENCE.exec(lines[start].slice(pad));
+  const close = new RegExp(`^\\s*${m[1][0] === "`" ? "`" : "~"}{${m[1].length},}\\s*$`);
+  const dedent = new RegExp(`^ {0,${pad}}`);
+  const body = [];
+  let i = start + 1;
+  for (; i < lines.length && !close.test(lines[i]); i++) body.push(lines[i].replace(dedent, ""));
+  const lang = m[2] ? ` data-lang="${m[2]}" class="language-${m[2]}"` : "";
+  return [`<pre><code${lang}>${body.join("\n")}</code></pre>`, i + 1];
+}
+
 function startsBlock(line) {
   return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || LIST_ITEM.test(line);
 }
@@ -114,6 +134,17 @@ function renderList(lines, start, out) {
   const items = [];
   let i = start;
   while (i < lines.length) {
+    if (lines[i].trim() === "") {
+      // One blank line does not end the list when an item, or more of this item (indented under
+      // it), follows.
+      const next = lines[i + 1] ?? "";
+      const nextItem = LIST_ITEM.exec(next);
+      if (nextItem ? nextItem[1].length >= indent : next.trim() !== "" && next.search(/\S/) > indent) {
+        i++;
+        continue;
+      }
+      break;
+    }
     const m = LIST_ITEM.exec(lines[i]);
     if (m && m[1].length > indent && items.length) {
       const nested = [];
@@ -122,11 +153,15 @@ function renderList(lines, start, out) {
     } else if (m && m[1].length >= indent && /\d/.test(m[2]) === ordered) {
       items.push(renderInline(m[3]));
       i++;
-      // One blank line between items does not end the list.
-      if (lines[i]?.trim() === "" && LIST_ITEM.exec(lines[i + 1] ?? "")?.[1].length >= indent) i++;
+    } else if (!m && items.length && lines[i].search(/\S/) > indent && FENCE.test(lines[i].trimStart())) {
+      // A code block inside the item (models indent them under numbered steps).
+      let html;
+      [html, i] = renderFence(lines, i);
+      items[items.length - 1] += html;
     } else if (!m && items.length && lines[i].search(/\S/) > indent) {
       // An indented plain line under an item continues that item.
-      items[items.length - 1] += `<br>${renderInline(lines[i].trim())}`;
+      const item = items[items.length - 1];
+      items[items.length - 1] += `${item.endsWith("</pre>") ? "" : "<br>"}${renderInline(lines[i].trim())}`;
       i++;
     } else {
       break;
