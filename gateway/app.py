@@ -29,6 +29,7 @@ from gateway.errors import APIError, bad_request, exception_handlers
 from gateway.formatting import Call, ChunkStream, Formatter, aborted, dumps, raise_if_error, shutdown_error, usage
 from gateway.metrics import Metrics
 from gateway.protocol import Body, GenerationRequest, parse_chat, parse_completion, parse_json
+from gateway.tokens import TokenText
 from gateway.ws import Session
 from grammar import GrammarError
 
@@ -47,6 +48,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
     routes = [
         Route("/health", gw.health, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gw.model, methods=["GET"]),  # :path, as model ids may hold a "/"
         Route("/metrics", gw.metrics.endpoint, methods=["GET"]),
         Route("/v1/chat/completions", gw.chat, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
@@ -66,6 +68,7 @@ class Gateway:
                  max_in_flight: int):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
+        self.tokens = TokenText(self.tokenizer)  # shared: it caches each token's text and bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0  # generation streams open now (the event loop is the only writer)
         self.open_sockets = 0  # WebSocket sessions open now
@@ -84,9 +87,13 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "sluice",
-                "max_model_len": self.engine.engine.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: Request) -> Response:
+        """OpenAI's retrieve-model route (the SDK's `models.retrieve`)."""
+        self.authorize(request)
+        self.check_model({"model": request.path_params["model"]})
+        return JSONResponse(self._card())
 
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
@@ -185,6 +192,10 @@ class Gateway:
         self.check_model(body)
         return body
 
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "sluice",
+                "max_model_len": self.engine.engine.max_model_len}
+
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
 
@@ -222,7 +233,7 @@ class Gateway:
         raise_if_error(final)
         if aborted(final):
             raise shutdown_error("the request was aborted: the engine is shutting down")
-        fmt = Formatter(self.tokenizer, call)
+        fmt = Formatter(self.tokens, call)
         choices = [fmt.full_choice(c) for c in sorted(final.outputs, key=lambda c: c.index)]
         return call.envelope(call.object, choices, usage(call, final.outputs))
 
@@ -230,7 +241,7 @@ class Gateway:
     async def _events(self, call: Call) -> AsyncIterator[dict]:
         # aclosing: when sse-starlette cancels or closes us (client gone), the engine stream closes now and
         # the engine aborts the request, rather than whenever the generator is garbage collected.
-        async with contextlib.aclosing(ChunkStream(self.tokenizer, call).chunks(self.stream(call))) as chunks:
+        async with contextlib.aclosing(ChunkStream(self.tokens, call).chunks(self.stream(call))) as chunks:
             try:
                 async for chunk in chunks:
                     yield {"data": dumps(chunk)}

@@ -9,9 +9,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from gateway.errors import APIError
 from gateway.protocol import GenerationRequest
+from gateway.tokens import TokenText
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class Call:
 class ChunkStream:
     """The chunk objects of one streamed call. `last` is the latest engine output seen (for usage)."""
 
-    def __init__(self, tokenizer, call: Call):
+    def __init__(self, tokens: TokenText, call: Call):
         self.call = call
-        self.fmt = Formatter(tokenizer, call)
+        self.fmt = Formatter(tokens, call)
         self.last: RequestOutput | None = None
 
     async def chunks(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
@@ -85,8 +86,8 @@ class ChunkStream:
 class Formatter:
     """OpenAI choice objects for one call; remembers what each streamed choice has already sent."""
 
-    def __init__(self, tokenizer, call: Call):
-        self.tokenizer = tokenizer
+    def __init__(self, tokens: TokenText, call: Call):
+        self.tokens = tokens
         self.call = call
         self.sent_logprobs: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -125,20 +126,23 @@ class Formatter:
         if self.call.chat:
             return {"content": [{**self._token(e.token_id, e.logprob),
                                  "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
-        tokens = [self._text(e.token_id) for e in entries]
+        tokens = [self.tokens.text(e.token_id) for e in entries]
         offsets, pos = [], text_offset
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [self._top(e) for e in entries], "text_offset": offsets}
+
+    def _top(self, e: TokenLogprob) -> dict[str, float]:
+        # The legacy API always lists the sampled token too ("up to logprobs+1 elements"), as vLLM does:
+        # with logprobs=0 it is the only one.
+        top = {self.tokens.text(t): lp for t, lp in e.top}
+        top.setdefault(self.tokens.text(e.token_id), e.logprob)
+        return top
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        text = self._text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    def _text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return {"token": self.tokens.text(token_id), "logprob": logprob, "bytes": self.tokens.bytes(token_id)}
 
 
 def usage(call: Call, outputs: list[CompletionOutput]) -> dict:

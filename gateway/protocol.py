@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from gateway.structured import parse_structured_output
 Body = dict[str, Any]
 _MISSING = object()
 MAX_N = 128  # OpenAI's own limit; each sample costs a sequence slot and its KV blocks
+MAX_LOGPROBS = 20  # OpenAI's limit, and SamplingParams'
+_TOKEN_ID = re.compile(r"-?[0-9]{1,20}")
 _INT64 = 1 << 63  # sampling tensors are int64: a wider value would fail the whole batch's step
 
 
@@ -39,7 +42,28 @@ def parse_json(raw: bytes) -> Body:
         raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    check_unicode(body)
     return body
+
+
+def check_unicode(value: Any) -> None:
+    """400 for a lone UTF-16 surrogate: JSON's `\\ud800` escapes decode to one, which is no Unicode text.
+    Left in, the tokenizer fails on it (a 500), and a response echoing it (a WebSocket id) cannot be
+    encoded, which drops the connection."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request("the request contains an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape); "
+                                  "strings must be valid Unicode", code="invalid_unicode") from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_chat(body: Body, tokenizer, vocab_size: int) -> GenerationRequest:
@@ -51,21 +75,30 @@ def parse_chat(body: Body, tokenizer, vocab_size: int) -> GenerationRequest:
     top = _field(body, "top_logprobs", int, None)
     if top is not None and not want_logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    max_tokens = _field(body, "max_completion_tokens", int, None)
-    if max_tokens is None:
-        max_tokens = _field(body, "max_tokens", int, None)
-    params = _sampling(body, vocab_size, max_tokens=max_tokens, logprobs=(top or 0) if want_logprobs else None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:  # else SamplingParams' error would name "logprobs"
+        raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+    # OpenAI's newer name wins; an error names the field the client actually sent
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params = _sampling(body, vocab_size, max_tokens=_max_tokens(body, key, None),
+                       logprobs=(top or 0) if want_logprobs else None)
     return _request(body, prompt, params)
 
 
 def parse_completion(body: Body, vocab_size: int) -> GenerationRequest:
     prompt = _prompt(_field(body, "prompt", (str, list)), vocab_size)
     # The completions API's default is 16 tokens; chat's is "until the context is full".
-    params = _sampling(body, vocab_size, max_tokens=_field(body, "max_tokens", int, 16),
+    params = _sampling(body, vocab_size, max_tokens=_max_tokens(body, "max_tokens", 16),
                        logprobs=_field(body, "logprobs", int, None))
     if _field(body, "echo", bool, False):
         raise bad_request("echo is not supported", "echo")
     return _request(body, prompt, params)
+
+
+def _max_tokens(body: Body, key: str, default: int | None) -> int | None:
+    value = _field(body, key, int, default)
+    if value is not None and value < 1:
+        raise bad_request(f"{key} must be at least 1, got {value}", key)
+    return value
 
 
 def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
@@ -146,10 +179,10 @@ def _logit_bias(bias: dict | None, vocab_size: int) -> dict[int, float] | None:
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        # int() alone would also take " 5", "1_0" and other scripts' digits, each some other token's id
+        if not _TOKEN_ID.fullmatch(key):
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        token = int(key)
         if not 0 <= token < vocab_size:
             raise bad_request(f"logit_bias token id {token} is out of range [0, {vocab_size})", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
@@ -162,6 +195,10 @@ def _prompt(prompt: str | list, vocab_size: int) -> str | list[int]:
     # A batch of one prompt is accepted in either spelling; real batches are not supported.
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        # well-formed but a batch: say so, rather than call the client's prompt malformed
+        raise bad_request("a batch of several prompts is not supported; send one request per prompt", "prompt",
+                          "unsupported_parameter")
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
@@ -181,13 +218,20 @@ def _message(m: Any, i: int) -> dict[str, str]:
     if content is None:
         content = ""
     elif isinstance(content, list):  # content parts: only text ones are meaningful to a text model
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise bad_request("only text content parts are supported", param)
-        content = "".join(p["text"] for p in content)
+        content = "\n".join(_part_text(p, param) for p in content)  # vLLM's separator, so words stay apart
     elif not isinstance(content, str):
         raise bad_request("message content must be a string or a list of text parts", param)
     return {"role": m["role"], "content": content}
+
+
+def _part_text(part: Any, param: str) -> str:
+    # An assistant turn may hold refusal parts (OpenAI's SDK sends back what the model said); images,
+    # audio and files mean nothing to a text model, so they are refused rather than dropped.
+    kind = part.get("type") if isinstance(part, dict) else None
+    text = part.get(kind) if kind in ("text", "refusal") else None
+    if not isinstance(text, str):
+        raise bad_request(f"only text content parts are supported, got {kind!r}", param)
+    return text
 
 
 def _field(body: Body, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
@@ -204,6 +248,8 @@ def _field(body: Body, key: str, kind: type | tuple[type, ...], default: Any = _
         raise APIError(400, f"{key} must be of type {names}, got {type(value).__name__}", key, "invalid_type")
     if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
         raise bad_request(f"{key} is out of range", key)
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN, Infinity and 1e999
+        raise bad_request(f"{key} must be a finite number, got {value}", key)
     return float(value) if kinds == (float,) else value
 
 
@@ -212,7 +258,6 @@ def _is(value: Any, kind: type) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
-    if kind is float:
-        # math.isfinite raises OverflowError on a very wide int, so ints are bounded instead
-        return isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and abs(value) < _INT64
+    if kind is float:  # an int is a number too; _field bounds both
+        return isinstance(value, (int, float))
     return isinstance(value, kind)

@@ -23,6 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError, bad_request
 from gateway.formatting import Call, ChunkStream, aborted, dumps, shutdown_error
+from gateway.protocol import check_unicode
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -131,6 +132,11 @@ class Session:
         if not isinstance(frame, dict):
             self._send(_error_frame(None, _bad_frame("a frame must be a JSON object")))
             return
+        try:
+            check_unicode(frame)  # before its id is echoed: a lone surrogate in a frame cannot be sent
+        except APIError as exc:
+            self._send(_error_frame(None, exc))
+            return
         kind, rid = frame.get("type"), frame.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             self._send(_error_frame(None, _bad_frame("a frame needs an id: a string or an integer", "id")))
@@ -158,7 +164,7 @@ class Session:
         chunks: ChunkStream | None = None
         try:
             call = await self._admit(body)
-            chunks = ChunkStream(self.gw.tokenizer, call)
+            chunks = ChunkStream(self.gw.tokens, call)
             async with contextlib.aclosing(chunks.chunks(self.gw.stream(call))) as stream:
                 async for chunk in stream:
                     self._send({"type": "chunk", "id": job.id, "chunk": chunk})

@@ -13,11 +13,11 @@ from grammar.backend import CompiledGrammar, GrammarBackend, Matcher
 from grammar.bitmask import allocate_bitmask, allowed_token_ids, apply_bitmask, unpack_bitmask
 from grammar.compiler import BACKENDS, DEFAULT_BACKEND, DEFAULT_COMPILE_TIMEOUT_S, GrammarCompiler, make_backend
 from grammar.spec import MAX_SPEC_BYTES, GrammarError, GrammarKind, GrammarSpec
-from grammar.vocab import TokenVocab
+from grammar.vocab import TokenVocab, token_decoder
 
 __all__ = [
     "BACKENDS", "DEFAULT_BACKEND", "DEFAULT_COMPILE_TIMEOUT_S", "MAX_SPEC_BYTES",
     "CompiledGrammar", "GrammarBackend", "GrammarCompiler", "GrammarError", "GrammarKind", "GrammarSpec",
     "Matcher", "TokenVocab", "allocate_bitmask", "allowed_token_ids", "apply_bitmask", "make_backend",
-    "unpack_bitmask",
+    "token_decoder", "unpack_bitmask",
 ]

@@ -60,7 +60,7 @@ class TokenVocab:
         excluded |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         # added non-special tokens are stored as their literal text, not in the byte-level alphabet
         literal = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
-        decode = _token_decoder(tokenizer)
+        decode = token_decoder(tokenizer)
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
         token_bytes: list[bytes | None] = []
         for i, piece in enumerate(pieces):
@@ -82,7 +82,7 @@ def bits_row(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
-def _token_decoder(tokenizer: Any):
+def token_decoder(tokenizer: Any):
     """piece (the tokenizer's own spelling of a token) -> the bytes it stands for."""
     config = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
     kinds = {config.get("type")} | {d.get("type") for d in config.get("decoders", [])}
