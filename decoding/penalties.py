@@ -1,4 +1,4 @@
-"""Repetition, presence and frequency penalties, batched over the rows of one step."""
+"""Repetition, presence and frequency penalties, logit bias and banned ids, batched over the rows of one step."""
 from __future__ import annotations
 
 from itertools import chain
@@ -69,4 +69,30 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
         apply_repetition_penalty(logits, seen, meta.repetition_penalty)
     if not meta.no_presence_frequency:
         apply_presence_frequency_penalty(logits, output_counts, meta.presence_penalty, meta.frequency_penalty)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, logit_bias: list[dict[int, float] | None]) -> torch.Tensor:
+    """logits[i, t] += bias[i][t], in place. logits: [N, V]. Out-of-vocab ids are ignored."""
+    vocab_size = logits.shape[-1]
+    entries = [
+        (row, int(token), float(bias))
+        for row, row_bias in enumerate(logit_bias) if row_bias
+        for token, bias in row_bias.items() if 0 <= int(token) < vocab_size
+    ]
+    if not entries:
+        return logits
+    rows, cols, values = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def apply_banned(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
+    """logits[i, t] = -inf for every banned t of row i, in place. logits: [N, V]."""
+    device, vocab_size = logits.device, logits.shape[-1]
+    lengths = torch.tensor([len(ids) for ids in banned_token_ids], dtype=torch.long, device=device)  # [N]
+    rows = torch.repeat_interleave(torch.arange(len(banned_token_ids), device=device), lengths)  # [B]
+    cols = torch.tensor(list(chain.from_iterable(banned_token_ids)), dtype=torch.long, device=device)  # [B]
+    valid = (cols >= 0) & (cols < vocab_size)
+    logits[rows[valid], cols[valid]] = float("-inf")
     return logits

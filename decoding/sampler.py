@@ -11,12 +11,11 @@ The apply_* functions edit `logits` in place and return it (they run on a privat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
 
 import torch
 import torch.nn.functional as F
 
-from decoding.penalties import apply_penalties
+from decoding.penalties import apply_banned, apply_logit_bias, apply_penalties
 from engine.sampling_params import SamplingParams
 from kernels.cpu_ops import argmax
 
@@ -118,7 +117,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    # torch wraps a negative seed to 64 bits but raises past them, failing the whole batch's step: wrap those too
+    generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
     return generator
 
 
@@ -127,32 +127,6 @@ class SamplerOutput:
     token_ids: torch.Tensor  # [N] int64
     logprobs: torch.Tensor | None  # [N, 1 + K] float32: sampled token, then top-K alternatives
     logprob_token_ids: torch.Tensor | None  # [N, 1 + K] int64
-
-
-def apply_logit_bias(logits: torch.Tensor, logit_bias: list[dict[int, float] | None]) -> torch.Tensor:
-    """logits[i, t] += bias[i][t], in place. logits: [N, V]. Out-of-vocab ids are ignored."""
-    vocab_size = logits.shape[-1]
-    entries = [
-        (row, int(token), float(bias))
-        for row, row_bias in enumerate(logit_bias) if row_bias
-        for token, bias in row_bias.items() if 0 <= int(token) < vocab_size
-    ]
-    if not entries:
-        return logits
-    rows, cols, values = zip(*entries)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    return logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
-
-
-def apply_banned(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
-    """logits[i, t] = -inf for every banned t of row i, in place. logits: [N, V]."""
-    device, vocab_size = logits.device, logits.shape[-1]
-    lengths = torch.tensor([len(ids) for ids in banned_token_ids], dtype=torch.long, device=device)  # [N]
-    rows = torch.repeat_interleave(torch.arange(len(banned_token_ids), device=device), lengths)  # [B]
-    cols = torch.tensor(list(chain.from_iterable(banned_token_ids)), dtype=torch.long, device=device)  # [B]
-    valid = (cols >= 0) & (cols < vocab_size)
-    logits[rows[valid], cols[valid]] = float("-inf")
-    return logits
 
 
 def adjust_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -312,7 +286,8 @@ class Sampler:
 
         if meta.max_num_logprobs is None:
             return SamplerOutput(token_ids=token_ids, logprobs=None, logprob_token_ids=None)
-        # vLLM's default: logprobs describe the model's raw distribution, before any processing
+        # vLLM's default (raw logprobs): before penalties, bias, bans, temperature and filters; the grammar mask
+        # and user logits processors come before the sampler, as in vLLM, so they are in them
         raw_logprobs = logits.to(torch.float32).log_softmax(dim=-1)  # [N, V]
         values, ids = gather_logprobs(raw_logprobs, token_ids, meta.max_num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=values, logprob_token_ids=ids)

@@ -31,12 +31,13 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        order = []
-        for prompt, p in zip(prompts, params_list):
-            request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, p)
-            order.append(request_id)
-        return self._run(order, use_tqdm)
+        # Every prompt is validated before any is queued: a bad one must not leave the others behind in the
+        # engine, to be run (and their outputs dropped) by the next call.
+        prepared = [self.engine.prepare_request(f"offline-{next(self._ids)}", prompt, p)
+                    for prompt, p in zip(prompts, params_list)]
+        for req in prepared:
+            self.engine.add_prepared(req)
+        return self._run([req.request_id for req in prepared], use_tqdm)
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

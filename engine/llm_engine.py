@@ -97,10 +97,11 @@ class LLMEngine:
 
     def add_prepared(self, req: PreparedRequest) -> None:
         """Queue a prepared request; only the thread that steps the engine may call it."""
-        if req.request_id in self.outputs.parents:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
         params = req.params
         child_ids = [req.request_id] if params.n == 1 else [f"{req.request_id}#{i}" for i in range(params.n)]
+        # an n > 1 request's samples are "id#i": those must not clash with another request's ids either
+        if req.request_id in self.outputs.parents or any(c in self.outputs.parent_of for c in child_ids):
+            raise ValueError(f"request id {req.request_id!r} is already in use")
         self.outputs.add(req.request_id, req.prompt, req.token_ids, params, child_ids)
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else dataclasses.replace(
@@ -116,6 +117,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= int(t) < vocab for t in params.logit_bias or ()):  # vLLM refuses them too
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         n_prompt, limit = len(token_ids), self.max_model_len
         if n_prompt >= limit:
             raise ValueError(f"the prompt has {n_prompt} tokens; this model's context is {limit} tokens")
@@ -139,20 +142,26 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         try:
-            sched.grammar = self.structured.bitmask(sched, self.scheduler.requests)
+            sched.grammar, failed = self.structured.bitmask(sched, self.scheduler.requests)
             result = self.runner.execute(sched)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             log.exception("step failed")
-            return self._fail([s.request_id for s in sched.scheduled], f"{type(exc).__name__}: {exc}")
+            return self._fail(dict.fromkeys((s.request_id for s in sched.scheduled), f"{type(exc).__name__}: {exc}"))
+        # Requests that failed alone (their grammar, their logits processor) end before the update, which
+        # then skips them: the rest of the batch goes on.
+        failed_outputs = self._fail({**failed, **result.errors})
         updates = self.scheduler.update(sched, result.sampled, result.logprobs, result.drafts)
         processed = self.outputs.process(updates)
         for child_id, stop in processed.stopped.items():
             self.scheduler.finish(child_id, RequestStatus.FINISHED_STOPPED, stop)
-        return processed.outputs
+        return failed_outputs + processed.outputs
 
-    def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:
-        parents = {self.outputs.parent_of[c] for c in child_ids if c in self.outputs.parent_of}
-        outs = [self.finish_request(p, RequestStatus.FINISHED_ERROR, message) for p in parents]
+    def _fail(self, errors: dict[str, str]) -> list[RequestOutput]:
+        """Fail the requests of these samples (child id -> error), all samples of each."""
+        parents = {self.outputs.parent_of[c]: e for c, e in errors.items() if c in self.outputs.parent_of}
+        if parents:
+            log.warning("failing %d requests: %s", len(parents), "; ".join(set(parents.values())))
+        outs = [self.finish_request(p, RequestStatus.FINISHED_ERROR, e) for p, e in parents.items()]
         return [o for o in outs if o is not None]
 
     def stats(self) -> SchedulerStats:

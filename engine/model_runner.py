@@ -1,11 +1,13 @@
 """Model runner: SchedulerOutput in, sampled tokens out. It owns the KV cache and never sees a Request."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from decoding.logits_processors import apply_logits_processors
 from decoding.proposers import FeatureBatch, FeatureProposer, Proposal, ProposalRequest, Proposer
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
 from decoding.speculative import DraftBatch, verify
@@ -24,6 +26,7 @@ class ModelRunnerOutput:
     sampled: dict[str, list[int]]  # request id -> new token ids
     logprobs: dict[str, list[TokenLogprob]]
     drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens to verify next step
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed (its tokens are void)
 
 
 @dataclass
@@ -111,7 +114,8 @@ class ModelRunner:
         rows = batch.sample_rows
         if any(s.num_draft_tokens for s in rows):
             return self._verify(logits, rows)
-        return self._sample(self._apply_logits_processors(logits, rows), rows)
+        errors = self._apply_logits_processors(logits, rows)
+        return dataclasses.replace(self._sample(logits, rows), errors=errors)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         bs = self.block_size
@@ -139,13 +143,15 @@ class ModelRunner:
                                  seq_lens_list=seq_lens, block_size=bs)
         return BatchInputs(input_ids.to(dev), positions.to(dev), attn, logits_indices.to(dev), sample_rows)
 
-    def _apply_logits_processors(self, logits: torch.Tensor, rows: list[ScheduledRequest],
-                                 outputs: list[list[int]] | None = None) -> torch.Tensor:
-        # Per-request hooks: fn(output_token_ids, logits_row [V]) -> logits_row
-        for i, s in enumerate(rows):
-            for fn in s.sampling_params.logits_processors:
-                logits[i] = fn(s.output_token_ids if outputs is None else outputs[i], logits[i])
-        return logits
+    @staticmethod
+    def _apply_logits_processors(logits: torch.Tensor, rows: list[ScheduledRequest],
+                                 outputs: list[list[int]] | None = None) -> dict[str, str]:
+        """In place; returns the requests whose processors raised (request id -> error)."""
+        fns = [s.sampling_params.logits_processors for s in rows]
+        if not any(fns):
+            return {}
+        return apply_logits_processors(logits, [s.request_id for s in rows], fns,
+                                       outputs if outputs is not None else [s.output_token_ids for s in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> ModelRunnerOutput:
         meta = self._metadata(rows, [s.output_token_ids for s in rows], [s.banned_token_ids for s in rows])
@@ -169,12 +175,12 @@ class ModelRunner:
         banned = [s.banned_token_ids if len(s.output_token_ids) + i < s.sampling_params.min_tokens else []
                   for s, i in expanded]
         meta = self._metadata([s for s, _ in expanded], outputs, banned)
-        logits = self._apply_logits_processors(logits, [s for s, _ in expanded], outputs)
+        errors = self._apply_logits_processors(logits, [s for s, _ in expanded], outputs)
         probs = logits_to_probs(logits, meta)  # [N, V]
         drafts = DraftBatch([s.draft_token_ids for s in rows], [self._draft_probs(s) for s in rows])
         emitted = verify(probs, drafts, [self._generator(s) for s in rows])
         sampled = {s.request_id: tokens for s, tokens in zip(rows, emitted)}
-        return ModelRunnerOutput(sampled, self._verified_logprobs(logits, rows, drafts.starts, emitted))
+        return ModelRunnerOutput(sampled, self._verified_logprobs(logits, rows, drafts.starts, emitted), errors=errors)
 
     def _verified_logprobs(self, logits: torch.Tensor, rows: list[ScheduledRequest], starts: list[int],
                            emitted: list[list[int]]) -> dict[str, list[TokenLogprob]]:

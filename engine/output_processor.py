@@ -66,18 +66,20 @@ class OutputProcessor:
             if parent is None:
                 continue
             sample = parent.samples[u.request_id]
-            sample.token_ids.extend(u.new_token_ids)
+            result = sample.detok.update(u.new_token_ids, u.finish_reason is not None, u.stopped_on_token)
+            # a step that emits several tokens (speculative decoding) keeps none past a stop string
+            new_ids = u.new_token_ids[:result.num_tokens]
+            sample.token_ids.extend(new_ids)
             if sample.logprobs is not None and u.new_logprobs:
-                sample.logprobs.extend(u.new_logprobs)
-            result = sample.detok.update(u.new_token_ids, finished=u.finish_reason is not None)
+                sample.logprobs.extend(u.new_logprobs[:len(new_ids)])
             if result.stop_string is not None:
                 stopped[u.request_id] = result.stop_string
                 sample.finish_reason, sample.stop_reason = "stop", result.stop_string
             elif u.finish_reason is not None:
-                sample.finish_reason = u.finish_reason
-                sample.stop_reason = u.new_token_ids[-1] if u.finish_reason == "stop" and u.new_token_ids else None
+                sample.finish_reason, sample.stop_reason = u.finish_reason, u.stop_reason
+                parent.error = parent.error or u.error
             parent.num_cached_tokens = max(parent.num_cached_tokens, u.num_cached_tokens)
-            touched.setdefault(parent.request_id, {})[u.request_id] = (result.delta_text, u.new_token_ids)
+            touched.setdefault(parent.request_id, {})[u.request_id] = (result.delta_text, new_ids)
         outputs = [self._output(self.parents[pid], deltas) for pid, deltas in touched.items()]
         return ProcessedStep(outputs, stopped)
 

@@ -60,6 +60,9 @@ class RequestUpdate:
     finish_reason: str | None
     new_logprobs: list | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    stop_reason: int | str | None = None  # a stop_token_ids id that ended it (None for EOS, as in vLLM)
+    stopped_on_token: bool = False  # the last new token is an EOS / stop id: its text is not output
+    error: str | None = None  # why it ended with "error"
 
 
 class Scheduler:
@@ -100,8 +103,9 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING or n <= 0:  # preempted earlier in this loop
                 continue
             drafts = self._drafts(req, n, budget)
-            while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n + self._ahead(req, n, drafts)):
-                victim = max(self.running, key=Request.sort_key)
+            while not self.blocks.allocate(req.request_id, self._slots(req, req.num_computed_tokens, n, drafts)):
+                # the last of the sorted order: never one scheduled above, even when sort keys tie
+                victim = max(reversed(self.running), key=Request.sort_key)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -117,8 +121,7 @@ class Scheduler:
                 continue
             n_computed, cached = self._prefix_hit(req)
             n = min(req.num_tokens - n_computed, budget)
-            ahead = self.num_lookahead_tokens if n_computed + n == req.num_tokens else 0
-            if not self.blocks.allocate(req.request_id, n_computed + n + ahead, cached):
+            if not self.blocks.allocate(req.request_id, self._slots(req, n_computed, n), cached):
                 break
             self.waiting.remove(req)
             self._count_prefix(req, n_computed)
@@ -148,11 +151,13 @@ class Scheduler:
             self.prefix_hits += n_hit
             req.num_cached_tokens = n_hit
 
-    def _ahead(self, req: Request, n: int, drafts: list[int]) -> int:
-        """Slots reserved past the scheduled tokens: the drafts', or the drafter's lookahead."""
-        reaches_end = req.num_computed_tokens + n == req.num_tokens
-        # the drafter writes up to k positions past the accepted drafts
-        return len(drafts) + (self.num_lookahead_tokens if reaches_end else 0)
+    def _slots(self, req: Request, n_computed: int, n: int, drafts: list[int] = ()) -> int:
+        """KV slots the request needs this step: its tokens, the drafts', and the drafter's lookahead (it
+        writes up to k positions past the accepted drafts). Drafts never pass the request's last token, so
+        neither does the lookahead that serves them: capped there, a request at max_model_len still fits a
+        pool of max_model_len tokens instead of preempting itself forever."""
+        ahead = self.num_lookahead_tokens if n_computed + n == req.num_tokens else 0
+        return min(n_computed + n + len(drafts) + ahead, req.num_prompt_tokens + req.max_output_tokens)
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The request's drafts that fit: only when decoding (one pending token), within the token
@@ -219,8 +224,11 @@ class Scheduler:
                 self.blocks.cache_blocks(req.request_id, req.num_computed_tokens, req.token_slice)
             if new_ids or req.status.finished:
                 lp = (logprobs or {}).get(s.request_id)
+                on_token = req.status is RequestStatus.FINISHED_STOPPED and bool(new_ids) and new_ids[-1] in \
+                    self._stop_ids(req.sampling_params)
                 updates.append(RequestUpdate(req.request_id, new_ids, req.finish_reason,
-                                             lp[:len(new_ids)] if lp else None, req.num_cached_tokens))
+                                             lp[:len(new_ids)] if lp else None, req.num_cached_tokens,
+                                             req.stop_reason, on_token, req.error))
                 if req.status.finished:
                     self._release(req)
         return updates
@@ -242,8 +250,11 @@ class Scheduler:
             n_out = len(req.output_token_ids)
             if req.matcher is not None and not req.matcher.accept_token(token):
                 req.status, req.error = RequestStatus.FINISHED_ERROR, "the grammar refused a sampled token"
+            elif req.matcher is not None and req.matcher.error is not None:  # the backend gave up mid-request
+                req.status, req.error = RequestStatus.FINISHED_ERROR, f"grammar error: {req.matcher.error}"
             elif token in stop_ids and n_out > params.min_tokens:
-                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+                eos = token in self.stop_token_ids and not params.ignore_eos
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, None if eos else token
             elif n_out >= req.max_output_tokens:
                 req.status = RequestStatus.FINISHED_LENGTH
             elif req.matcher is not None and req.matcher.is_finished():

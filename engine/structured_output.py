@@ -46,30 +46,45 @@ class StructuredOutputManager:
         """Raises GrammarError (a ValueError) for a bad spec or a compile past the time limit."""
         return self.compiler.compile(spec)
 
-    def bitmask(self, out: SchedulerOutput, requests: dict[str, Request]) -> GrammarBitmask | None:
-        """Cut forbidden drafts from `out`, then fill the mask rows of every constrained sampled row."""
-        row, fills = 0, []
+    def bitmask(self, out: SchedulerOutput, requests: dict[str, Request]
+                ) -> tuple[GrammarBitmask | None, dict[str, str]]:
+        """Cut forbidden drafts from `out`, then fill the mask rows of every constrained sampled row.
+
+        Also returns the requests whose matcher raised (request id -> error): they fail alone, while the
+        rest of the batch runs (their rows stay in it, unmasked, and their tokens are dropped)."""
+        row, fills, errors = 0, [], {}
         for s in out.scheduled:
             if not s.sample:
                 continue
             req = requests.get(s.request_id)
             matcher = req.matcher if req is not None else None
             if matcher is not None:
-                self._cut_drafts(s, matcher)
-                fills.append((row, matcher, s.draft_token_ids))
+                try:
+                    self._cut_drafts(s, matcher)
+                    fills.append((row, matcher, s.draft_token_ids, s.request_id))
+                except Exception as exc:  # noqa: BLE001 - a grammar backend failure is one request's
+                    errors[s.request_id] = f"grammar error: {type(exc).__name__}: {exc}"
             row += s.num_draft_tokens + 1
         if not fills:
-            return None
+            return None, errors
         bitmask = self._buffer(row)  # row r masks the runner's logits row r; unconstrained rows stay unread
         rows = []
-        for first, matcher, drafts in fills:
-            for i in range(len(drafts) + 1):
-                matcher.fill_bitmask(bitmask, first + i)
-                rows.append(first + i)
-                if i < len(drafts):
-                    matcher.accept_token(drafts[i])
-            matcher.rollback(len(drafts))
-        return GrammarBitmask(bitmask[:row], rows)
+        for first, matcher, drafts, request_id in fills:
+            try:
+                rows.extend(self._fill(bitmask, first, matcher, drafts))
+            except Exception as exc:  # noqa: BLE001
+                errors[request_id] = f"grammar error: {type(exc).__name__}: {exc}"
+        return GrammarBitmask(bitmask[:row], rows), errors
+
+    @staticmethod
+    def _fill(bitmask: torch.Tensor, first: int, matcher, drafts: list[int]) -> list[int]:
+        """Rows first .. first + len(drafts): the mask at each draft position; the matcher ends where it began."""
+        for i in range(len(drafts) + 1):
+            matcher.fill_bitmask(bitmask, first + i)
+            if i < len(drafts):
+                matcher.accept_token(drafts[i])
+        matcher.rollback(len(drafts))
+        return list(range(first, first + len(drafts) + 1))
 
     @staticmethod
     def _cut_drafts(s, matcher) -> None:

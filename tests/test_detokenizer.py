@@ -66,6 +66,8 @@ def test_stop_string_split_across_tokens_is_cut_and_never_leaked(tok):
     assert all("S" not in d for d in deltas)  # not even the stop string's first letter leaks
     with_stop = _stream(tok, _byte_tokens(tok, text), SamplingParams(stop=["STOP"], include_stop_str_in_output=True))
     assert "".join(with_stop[0]) == "one two STOP"
+    # kept in the output, a stop string's first letters stream at once instead of waiting to be ruled out
+    assert "".join(with_stop[0][:len("one two S")]) == "one two S"
 
 
 def test_earliest_of_several_stop_strings_wins(tok):
