@@ -13,7 +13,7 @@ import torch
 from decoding.chain import Drafter, decode_metadata, draft_chain, rows_metadata
 from decoding.proposers import FeatureBatch, Proposal
 from engine.model import LlamaForCausalLM
-from engine.model_runner import allocate_kv_caches, kv_cache_bytes_per_block
+from engine.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
 
 class DraftModelProposer:

@@ -24,7 +24,7 @@ from decoding.proposers import FeatureBatch, Proposal
 from engine.config import ModelConfig
 from engine.linear import PACKERS, Linear
 from engine.model import DecoderLayer, LlamaForCausalLM, RMSNorm
-from engine.model_runner import kv_cache_bytes_per_block
+from engine.kv_cache import kv_cache_bytes_per_block
 from engine.rope import apply_rope
 from kernels import AttentionMetadata
 

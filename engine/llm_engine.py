@@ -15,7 +15,8 @@ from grammar import CompiledGrammar
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.model import LlamaForCausalLM
-from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.kv_cache import kv_cache_bytes_per_block
+from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -103,9 +104,12 @@ class LLMEngine:
         if req.request_id in self.outputs.parents or any(c in self.outputs.parent_of for c in child_ids):
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.outputs.add(req.request_id, req.prompt, req.token_ids, params, child_ids)
+        if params.prompt_logprobs is not None:  # the samples share the prompt: the first computes them, once
+            self.runner.prompt_logprobs.add(child_ids[0], params.prompt_logprobs, req.token_ids)
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
+                params, n=1, seed=None if params.seed is None else params.seed + i,
+                prompt_logprobs=params.prompt_logprobs if i == 0 else None)  # the others may read the prefix cache
             leader = child_ids[0] if i > 0 else None
             matcher = req.grammar.matcher() if req.grammar is not None else None
             self.scheduler.add_request(Request(child_id, req.token_ids, child_params, self.max_model_len,
@@ -133,6 +137,9 @@ class LLMEngine:
         """End every open sample of a request now (blocks go back) and give its final output; None if unknown."""
         for child_id in self.outputs.child_ids(request_id):
             self.scheduler.finish(child_id, status)
+            # Only this ends a request before its prompt logprobs are complete (they are by its first token).
+            # Dropped now, not with the runner's finished ids next step: by then the id may be in use again.
+            self.runner.prompt_logprobs.discard(child_id)
         return self.outputs.finish(request_id, status.value, error)
 
     def has_unfinished_requests(self) -> bool:
@@ -147,6 +154,7 @@ class LLMEngine:
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             log.exception("step failed")
             return self._fail(dict.fromkeys((s.request_id for s in sched.scheduled), f"{type(exc).__name__}: {exc}"))
+        self.outputs.add_prompt_logprobs(result.prompt_logprobs)  # before the first output token's RequestOutput
         # Requests that failed alone (their grammar, their logits processor) end before the update, which
         # then skips them: the rest of the batch goes on.
         failed_outputs = self._fail({**failed, **result.errors})

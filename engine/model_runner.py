@@ -11,11 +11,12 @@ from decoding.logits_processors import apply_logits_processors
 from decoding.proposers import FeatureBatch, FeatureProposer, Proposal, ProposalRequest, Proposer
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
 from decoding.speculative import DraftBatch, verify
-from engine.config import ModelConfig
 from grammar import apply_bitmask
+from engine.kv_cache import allocate_kv_caches
 from engine.model import LlamaForCausalLM
 from engine.outputs import TokenLogprob
-from engine.platform import advise_huge_pages, tune_cpu_allocator
+from engine.platform import tune_cpu_allocator
+from engine.prompt_logprobs import PromptLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import AttentionMetadata
@@ -27,6 +28,7 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprob]]
     drafts: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens to verify next step
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed (its tokens are void)
+    prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)  # completed this step
 
 
 @dataclass
@@ -38,23 +40,6 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [N] rows whose hidden state is sampled (a verifying request has k + 1)
     sample_rows: list[ScheduledRequest]  # the requests that sample, in row order
-
-
-def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-
-
-def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(K, V) per layer, each [num_blocks, block_size, KVH, D], views of one pool."""
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    # Written now, not left to calloc: a fresh allocation faults each page on first write, and prefix
-    # caching hands out never-touched blocks first, so serving would pay those faults. Zeros, too:
-    # padded decode rows read (masked) slots, and 0 * NaN would poison them.
-    pool = torch.empty((cfg.num_layers, 2, *shape), dtype=dtype, device=device)
-    advise_huge_pages(pool)
-    pool.zero_()
-    return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
 
 
 class ModelRunner:
@@ -76,6 +61,7 @@ class ModelRunner:
         # so its KV has holes at their positions; they never get drafts, and it no longer runs over their rows
         self.undraftable: set[str] = set()
         self.step_seconds = self.draft_seconds = 0.0  # for the drafting share in the stats
+        self.prompt_logprobs = PromptLogprobs()  # the engine registers (and drops) the requests that ask
         if isinstance(proposer, FeatureProposer):
             proposer.allocate_cache(num_blocks, block_size, self.device, self.dtype)
 
@@ -97,6 +83,9 @@ class ModelRunner:
         batch = self.prepare(out.scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
         result = self._sample_or_verify(out, batch, hidden) if batch.sample_rows else ModelRunnerOutput({}, {})
+        if self.prompt_logprobs.pending:  # empty unless some request asked: then the step looks at its rows
+            result.prompt_logprobs = self.prompt_logprobs.collect(out.scheduled, batch.attn.query_start_loc, hidden,
+                                                                  self.model.compute_logits)
         start = time.perf_counter()
         for request_id in result.sampled:
             self.draft_probs.pop(request_id, None)  # unverified guesses from an earlier step
@@ -162,9 +151,8 @@ class ModelRunner:
         if result.logprobs is not None:
             values, ids = result.logprobs.tolist(), result.logprob_token_ids.tolist()
             for i, s in enumerate(rows):
-                k = s.sampling_params.logprobs
-                if k is not None:
-                    logprobs[s.request_id] = [TokenLogprob(ids[i][0], values[i][0], list(zip(ids[i][1:1 + k], values[i][1:1 + k])))]
+                if s.sampling_params.logprobs is not None:
+                    logprobs[s.request_id] = [TokenLogprob.from_row(ids[i], values[i], s.sampling_params.logprobs)]
         return ModelRunnerOutput(sampled, logprobs)
 
     def _verify(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> ModelRunnerOutput:
@@ -194,9 +182,8 @@ class ModelRunner:
         values, ids = (x.tolist() for x in gather_logprobs(raw, tokens.to(raw.device), k))
         out, m = {}, 0
         for r, s in want:
-            n, kr = len(emitted[r]), s.sampling_params.logprobs
-            out[s.request_id] = [TokenLogprob(ids[m + j][0], values[m + j][0],
-                                              list(zip(ids[m + j][1:1 + kr], values[m + j][1:1 + kr])))
+            n = len(emitted[r])
+            out[s.request_id] = [TokenLogprob.from_row(ids[m + j], values[m + j], s.sampling_params.logprobs)
                                  for j in range(n)]
             m += n
         return out

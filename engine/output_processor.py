@@ -27,6 +27,7 @@ class _Parent:
     samples: dict[str, _Sample]  # child request id -> its sample
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # set once complete, then on every output
 
     @property
     def finished(self) -> bool:
@@ -57,6 +58,13 @@ class OutputProcessor:
     def child_ids(self, request_id: str) -> list[str]:
         parent = self.parents.get(request_id)
         return list(parent.samples) if parent else []
+
+    def add_prompt_logprobs(self, completed: dict[str, list[TokenLogprob | None]]) -> None:
+        """Complete prompt logprobs (child id -> entries), computed for the first sample of their parent."""
+        for child_id, entries in completed.items():
+            parent = self.parents.get(self.parent_of.get(child_id, ""))
+            if parent is not None:
+                parent.prompt_logprobs = entries
 
     def process(self, updates: list[RequestUpdate]) -> ProcessedStep:
         touched: dict[str, dict[str, tuple[str, list[int]]]] = {}
@@ -110,5 +118,7 @@ class OutputProcessor:
             del self.parents[parent.request_id]
             for cid in parent.samples:
                 self.parent_of.pop(cid, None)
+        # prompt_logprobs: the same complete list on every output once computed (vLLM's cumulative outputs),
+        # which is from the first one that carries an output token: the prefill ends by that step
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, completions, finished,
-                             parent.num_cached_tokens, parent.error)
+                             parent.num_cached_tokens, parent.error, parent.prompt_logprobs)

@@ -10,6 +10,11 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]]  # the most likely alternatives, best first
 
+    @classmethod
+    def from_row(cls, ids: list[int], values: list[float], num_top: int) -> TokenLogprob:
+        """One row of `gather_logprobs` (the token first, then the top alternatives) with `num_top` of them."""
+        return cls(ids[0], values[0], list(zip(ids[1:1 + num_top], values[1:1 + num_top])))
+
 
 @dataclass
 class CompletionOutput:
@@ -36,3 +41,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (the first None: nothing predicts it),
+    # the raw model distribution at the position before. Complete on every output from the first one that
+    # carries an output token (the prefill is done by then) to the last, as vLLM's cumulative outputs (a vLLM
+    # delta stream sends them once, in that same first output); None before that, and always None when not
+    # asked for (or when the request ended before its prompt was computed).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -80,6 +80,12 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def reads_prefix_cache(self) -> bool:
+        """Cached blocks skip their rows, and prompt logprobs need every prompt row: such a request computes
+        its whole prompt (as in vLLM v1) until it has them, i.e. until it has an output token."""
+        return self.sampling_params.prompt_logprobs is None or bool(self.output_token_ids)
+
+    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 

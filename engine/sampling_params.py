@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
+    prompt_logprobs: int | None = None  # the same for every prompt token (RequestOutput.prompt_logprobs)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # JSON schema / regex / choice / Lark grammar the output must follow (grammar.GrammarSpec)
@@ -63,6 +64,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -141,8 +141,7 @@ class Scheduler:
                 and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     def _prefix_hit(self, req: Request) -> tuple[int, list[int]]:
-        all_ids = req.token_slice(0, req.num_tokens)
-        cached = self.blocks.find_cached_prefix(all_ids)
+        cached = self.blocks.find_cached_prefix(req.token_slice(0, req.num_tokens)) if req.reads_prefix_cache else []
         return len(cached) * self.blocks.block_size, cached
 
     def _count_prefix(self, req: Request, n_hit: int) -> None:

@@ -1,0 +1,24 @@
+"""The paged KV cache's memory: bytes per block, and the pool of (K, V) tensors per layer."""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.platform import advise_huge_pages
+
+
+def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def allocate_kv_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(K, V) per layer, each [num_blocks, block_size, KVH, D], views of one pool."""
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    # Written now, not left to calloc: a fresh allocation faults each page on first write, and prefix
+    # caching hands out never-touched blocks first, so serving would pay those faults. Zeros, too:
+    # padded decode rows read (masked) slots, and 0 * NaN would poison them.
+    pool = torch.empty((cfg.num_layers, 2, *shape), dtype=dtype, device=device)
+    advise_huge_pages(pool)
+    pool.zero_()
+    return [(pool[i, 0], pool[i, 1]) for i in range(cfg.num_layers)]
