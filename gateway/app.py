@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import time
 import uuid
@@ -25,8 +26,10 @@ from starlette.websockets import WebSocket
 
 from engine.async_engine import AsyncEngine, EngineError
 from engine.outputs import RequestOutput
+from gateway.collect import collect
 from gateway.errors import APIError, bad_request, exception_handlers
 from gateway.formatting import Call, ChunkStream, Formatter, aborted, dumps, raise_if_error, shutdown_error, usage
+from gateway.merge import merge
 from gateway.metrics import Metrics
 from gateway.protocol import Body, GenerationRequest, parse_chat, parse_completion, parse_json
 from gateway.tokens import TokenText
@@ -37,7 +40,6 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_IN_FLIGHT = 256  # beyond this a request gets 429 instead of waiting in an unbounded queue
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 DRAIN_S = 5.0  # how long shutdown waits for open streams to send their final events
-_DISCONNECT_POLL_S = 0.1
 _KEEPALIVE_S = 15
 
 
@@ -97,12 +99,11 @@ class Gateway:
 
     async def chat(self, request: Request) -> Response:
         body = await self._body(request)
-        return await self._run(request, self.parse_chat(body), chat=True)
+        return await self._run(request, [self.parse_chat(body)], chat=True)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
-        req = parse_completion(body, self._vocab_size())
-        return await self._run(request, req, chat=False)
+        return await self._run(request, parse_completion(body, self._vocab_size()), chat=False)
 
     async def websocket(self, websocket: WebSocket) -> None:
         await Session(self, websocket).run()
@@ -202,49 +203,55 @@ class Gateway:
     def _vocab_size(self) -> int:
         return self.engine.engine.model_config.vocab_size
 
-    async def _run(self, request: Request, req: GenerationRequest, chat: bool) -> Response:
-        call = await self.admit(req, chat)
-        if req.stream:
+    async def _run(self, request: Request, reqs: list[GenerationRequest], chat: bool) -> Response:
+        """One response for the requests of one body: a chat, or a completions body's prompts."""
+        calls = await self._admit_all(reqs, chat)
+        if reqs[0].stream:
             # keep-alive comments every 15 s, so proxies do not cut a stream that is slow to start; on SIGTERM
             # sse-starlette waits (up to DRAIN_S) for drain to end the stream with its final events
-            return EventSourceResponse(self._events(call), sep="\n", ping=_KEEPALIVE_S,
+            return EventSourceResponse(self._events(calls), sep="\n", ping=_KEEPALIVE_S,
                                        shutdown_grace_period=DRAIN_S)
-        final = await self._collect(request, call)
-        if final is None:  # the client is gone; nobody reads this
+        finals = await collect(request, [self.stream(call) for call in calls])
+        if finals is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(self._full_response(call, final))
+        return JSONResponse(self._full_response(calls, finals))
+
+    async def _admit_all(self, reqs: list[GenerationRequest], chat: bool) -> list[Call]:
+        if len(reqs) == 1:
+            return [await self.admit(reqs[0], chat)]
+        if self.in_flight + len(reqs) > self.max_in_flight:  # all of a batch's prompts run, or none
+            raise APIError(429, f"{len(reqs)} prompts would pass the limit of {self.max_in_flight} requests in "
+                           "flight; retry later", code="rate_limit_exceeded")
+        calls = [await self.admit(req, chat) for req in reqs]
+        # one response: the first prompt's id, each prompt's choices numbered after the previous prompt's
+        return [dataclasses.replace(c, response_id=calls[0].request_id, choice_offset=i * c.req.params.n)
+                for i, c in enumerate(calls)]
 
     # ---- non-streaming ----
-    async def _collect(self, request: Request, call: Call) -> RequestOutput | None:
-        """The final output, or None if the client disconnected first (the request is then aborted)."""
-        async with contextlib.aclosing(self.stream(call)) as stream:
-            consume = asyncio.ensure_future(_last(stream))
-            watch = asyncio.ensure_future(_wait_disconnect(request))
-            try:
-                await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # Cancelling the consumer throws into the engine stream, whose cleanup aborts the request.
-                for task in (consume, watch):
-                    task.cancel()
-                await asyncio.gather(consume, watch, return_exceptions=True)
-            return None if consume.cancelled() else consume.result()
-
-    def _full_response(self, call: Call, final: RequestOutput) -> dict:
-        raise_if_error(final)
-        if aborted(final):
-            raise shutdown_error("the request was aborted: the engine is shutting down")
-        fmt = Formatter(self.tokens, call)
-        choices = [fmt.full_choice(c) for c in sorted(final.outputs, key=lambda c: c.index)]
-        return call.envelope(call.object, choices, usage(call, final.outputs))
+    def _full_response(self, calls: list[Call], finals: list[RequestOutput]) -> dict:
+        choices = []
+        for call, final in zip(calls, finals):
+            raise_if_error(final)
+            if aborted(final):
+                raise shutdown_error("the request was aborted: the engine is shutting down")
+            fmt = Formatter(self.tokens, call)
+            fmt.see(final)
+            choices += [fmt.full_choice(c) for c in sorted(final.outputs, key=lambda c: c.index)]
+        return calls[0].envelope(calls[0].object, choices, usage([(c, f.outputs) for c, f in zip(calls, finals)]))
 
     # ---- streaming ----
-    async def _events(self, call: Call) -> AsyncIterator[dict]:
-        # aclosing: when sse-starlette cancels or closes us (client gone), the engine stream closes now and
-        # the engine aborts the request, rather than whenever the generator is garbage collected.
-        async with contextlib.aclosing(ChunkStream(self.tokens, call).chunks(self.stream(call))) as chunks:
+    async def _events(self, calls: list[Call]) -> AsyncIterator[dict]:
+        # aclosing: when sse-starlette cancels or closes us (client gone), the engine streams close now and
+        # the engine aborts their requests, rather than whenever the generator is garbage collected.
+        single = len(calls) == 1
+        streams = [ChunkStream(self.tokens, call, usage_chunk=single) for call in calls]
+        async with contextlib.aclosing(merge([s.chunks(self.stream(c)) for s, c in zip(streams, calls)])) as chunks:
             try:
                 async for chunk in chunks:
                     yield {"data": dumps(chunk)}
+                if not single and calls[0].req.include_usage:  # one usage chunk for the whole batch
+                    parts = [(s.call, s.last.outputs if s.last else []) for s in streams]
+                    yield {"data": dumps(calls[0].envelope(calls[0].chunk_object, [], usage(parts)))}
             except APIError as exc:
                 yield {"data": dumps(exc.body())}
         yield {"data": "[DONE]"}
@@ -260,15 +267,3 @@ def _static_fallback(static: ASGIApp, not_found: ASGIApp) -> ASGIApp:
 
     return route
 
-
-async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = None
-    async for out in stream:
-        last = out
-    assert last is not None  # a stream always ends with a finished output
-    return last
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(_DISCONNECT_POLL_S)

@@ -24,6 +24,8 @@ class Call:
     chat: bool
     req: GenerationRequest
     prompt_token_ids: list[int]
+    response_id: str = ""  # the id the client sees, when not request_id: a batch of prompts shares one
+    choice_offset: int = 0  # the index of this call's first choice in a batch (prompt i's: i * n)
 
     @property
     def object(self) -> str:
@@ -34,7 +36,7 @@ class Call:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def envelope(self, obj: str, choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> dict:
-        body: dict[str, Any] = {"id": self.request_id, "object": obj, "created": self.created,
+        body: dict[str, Any] = {"id": self.response_id or self.request_id, "object": obj, "created": self.created,
                                 "model": self.req.model, "choices": choices}
         if usage is not None or with_usage:
             body["usage"] = usage
@@ -44,10 +46,11 @@ class Call:
 class ChunkStream:
     """The chunk objects of one streamed call. `last` is the latest engine output seen (for usage)."""
 
-    def __init__(self, tokens: TokenText, call: Call):
+    def __init__(self, tokens: TokenText, call: Call, usage_chunk: bool = True):
         self.call = call
         self.fmt = Formatter(tokens, call)
         self.last: RequestOutput | None = None
+        self.usage_chunk = usage_chunk and call.req.include_usage  # a batch sends one for all its calls
 
     async def chunks(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
         """Every chunk of the call, in order: role deltas (chat), content deltas, the usage chunk if asked.
@@ -63,14 +66,15 @@ class ChunkStream:
             async for out in outputs:
                 self.last = out
                 raise_if_error(out)
+                self.fmt.see(out)
                 choices = [d for c in out.outputs if (d := self.fmt.delta_choice(c)) is not None]
                 if choices:
                     yield self._chunk(choices)
-        if call.req.include_usage and self.last is not None:
+        if self.usage_chunk and self.last is not None:
             yield call.envelope(call.chunk_object, [], self.usage())
 
     def usage(self) -> dict:
-        return usage(self.call, self.last.outputs if self.last is not None else [])
+        return usage([(self.call, self.last.outputs if self.last is not None else [])])
 
     @property
     def finish_reason(self) -> str | None:
@@ -91,17 +95,23 @@ class Formatter:
         self.call = call
         self.sent_logprobs: dict[int, int] = {}
         self.finished: set[int] = set()
+        self.echoed: set[int] = set()  # streamed choices whose prompt echo went out
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def see(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
 
     def role_delta(self, index: int) -> dict:
-        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        return {"index": index + self.call.choice_offset, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
     def full_choice(self, c: CompletionOutput) -> dict:
         logprobs = self._logprobs(c, 0, len(c.token_ids), 0)
         if self.call.chat:
-            return {"index": c.index, "message": {"role": "assistant", "content": c.text},
+            return {"index": c.index + self.call.choice_offset, "message": {"role": "assistant", "content": c.text},
                     "logprobs": logprobs, "finish_reason": c.finish_reason}
-        return {"index": c.index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return self._text_choice(c, c.text, logprobs)
 
     def delta_choice(self, c: CompletionOutput) -> dict | None:
         if c.index in self.finished:
@@ -116,8 +126,34 @@ class Formatter:
         logprobs = self._logprobs(c, start, end, len(c.text) - len(c.delta_text))
         if self.call.chat:
             delta = {"content": c.delta_text} if c.delta_text or not c.finished else {}
-            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
-        return {"index": c.index, "text": c.delta_text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            return {"index": c.index + self.call.choice_offset, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": c.finish_reason}
+        return self._text_choice(c, c.delta_text, logprobs)
+
+    def _text_choice(self, c: CompletionOutput, text: str, logprobs: dict | None) -> dict:
+        """A completions choice; with echo, the first one of each choice leads with the prompt."""
+        req, finish = self.call.req, c.finish_reason
+        if req.score_only:  # the one token the engine sampled is not part of the answer
+            text, logprobs = "", _legacy_logprobs([], [], [], []) if logprobs is not None else None
+            finish = finish and "length"
+        if req.echo and c.index not in self.echoed:
+            self.echoed.add(c.index)
+            text = self._prompt_text() + text
+            logprobs = _join(self._prompt_logprobs(), logprobs)
+        return {"index": c.index + self.call.choice_offset, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _prompt_text(self) -> str:
+        prompt = self.call.req.prompt
+        return prompt if isinstance(prompt, str) else self.tokens.tokenizer.decode(self.call.prompt_token_ids)
+
+    def _prompt_logprobs(self) -> dict | None:
+        """The prompt's legacy logprobs (nothing predicts its first token: null there), when asked for."""
+        if self.prompt_logprobs is None:
+            return None
+        ids = self.call.prompt_token_ids
+        entries = self.prompt_logprobs
+        return _legacy_logprobs([self.tokens.text(t) for t in ids], [e and e.logprob for e in entries],
+                                [e and self._top(e) for e in entries], _offsets([self.tokens.text(t) for t in ids], 0))
 
     def _logprobs(self, c: CompletionOutput, start: int, end: int, text_offset: int) -> dict | None:
         if c.logprobs is None:
@@ -127,12 +163,10 @@ class Formatter:
             return {"content": [{**self._token(e.token_id, e.logprob),
                                  "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
         tokens = [self.tokens.text(e.token_id) for e in entries]
-        offsets, pos = [], text_offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [self._top(e) for e in entries], "text_offset": offsets}
+        if self.call.req.echo:  # offsets count from the start of the choice's text, the echoed prompt's
+            text_offset += len(self._prompt_text())
+        return _legacy_logprobs(tokens, [e.logprob for e in entries], [self._top(e) for e in entries],
+                                _offsets(tokens, text_offset))
 
     def _top(self, e: TokenLogprob) -> dict[str, float]:
         # The legacy API always lists the sampled token too ("up to logprobs+1 elements"), as vLLM does:
@@ -145,8 +179,28 @@ class Formatter:
         return {"token": self.tokens.text(token_id), "logprob": logprob, "bytes": self.tokens.bytes(token_id)}
 
 
-def usage(call: Call, outputs: list[CompletionOutput]) -> dict:
-    prompt, completion = len(call.prompt_token_ids), sum(len(c.token_ids) for c in outputs)
+def _legacy_logprobs(tokens: list[str], logprobs: list, top: list, offsets: list[int]) -> dict:
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    offsets = []
+    for t in tokens:
+        offsets.append(start)
+        start += len(t)
+    return offsets
+
+
+def _join(first: dict | None, then: dict | None) -> dict | None:
+    if first is None or then is None:
+        return first or then
+    return {key: first[key] + then[key] for key in first}
+
+
+def usage(parts: list[tuple[Call, list[CompletionOutput]]]) -> dict:
+    """Token counts of one response: each call's prompt once, and what its choices generated."""
+    prompt = sum(len(call.prompt_token_ids) for call, _ in parts)
+    completion = sum(0 if call.req.score_only else len(c.token_ids) for call, outputs in parts for c in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

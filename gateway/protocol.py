@@ -20,6 +20,7 @@ Body = dict[str, Any]
 _MISSING = object()
 MAX_N = 128  # OpenAI's own limit; each sample costs a sequence slot and its KV blocks
 MAX_LOGPROBS = 20  # OpenAI's limit, and SamplingParams'
+MAX_PROMPTS = 64  # prompts in one completions request: each runs as its own engine request
 _TOKEN_ID = re.compile(r"-?[0-9]{1,20}")
 _INT64 = 1 << 63  # sampling tensors are int64: a wider value would fail the whole batch's step
 
@@ -31,6 +32,8 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    echo: bool = False  # completions: each choice's text (and logprobs) starts with the prompt's
+    score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
 
 def parse_json(raw: bytes) -> Body:
@@ -84,14 +87,19 @@ def parse_chat(body: Body, tokenizer, vocab_size: int) -> GenerationRequest:
     return _request(body, prompt, params)
 
 
-def parse_completion(body: Body, vocab_size: int) -> GenerationRequest:
-    prompt = _prompt(_field(body, "prompt", (str, list)), vocab_size)
+def parse_completion(body: Body, vocab_size: int) -> list[GenerationRequest]:
+    """One request per prompt: `prompt` may be a batch (a list of strings or of token id lists)."""
+    prompts = _prompts(_field(body, "prompt", (str, list)), vocab_size)
+    echo = _field(body, "echo", bool, False)
+    # echo with max_tokens 0 scores the prompt (its logprobs) and generates nothing, as in OpenAI's legacy
+    # API and vLLM; the engine still samples one token, which the response leaves out
+    score_only = echo and _field(body, "max_tokens", int, 16) == 0
     # The completions API's default is 16 tokens; chat's is "until the context is full".
-    params = _sampling(body, vocab_size, max_tokens=_max_tokens(body, "max_tokens", 16),
-                       logprobs=_field(body, "logprobs", int, None))
-    if _field(body, "echo", bool, False):
-        raise bad_request("echo is not supported", "echo")
-    return _request(body, prompt, params)
+    max_tokens = 1 if score_only else _max_tokens(body, "max_tokens", 16)
+    logprobs = _field(body, "logprobs", int, None)
+    params = _sampling(body, vocab_size, max_tokens=max_tokens, logprobs=logprobs,
+                       prompt_logprobs=logprobs if echo else None)
+    return [_request(body, prompt, params, echo, score_only) for prompt in prompts]
 
 
 def _max_tokens(body: Body, key: str, default: int | None) -> int | None:
@@ -115,7 +123,7 @@ def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
 _NOT_YET = {
     "tools": lambda v: v in (None, []), "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []), "best_of": lambda v: v in (None, 1),
-    "echo": lambda v: v in (None, False), "suffix": lambda v: v in (None, ""),
+    "suffix": lambda v: v in (None, ""),
 }
 
 
@@ -125,7 +133,8 @@ def _reject_unsupported(body: Body) -> None:
             raise bad_request(f"{name} is not supported by this server yet", name, "unsupported_parameter")
 
 
-def _request(body: Body, prompt: str | list[int], params: SamplingParams) -> GenerationRequest:
+def _request(body: Body, prompt: str | list[int], params: SamplingParams, echo: bool = False,
+             score_only: bool = False) -> GenerationRequest:
     _reject_unsupported(body)
     model = _field(body, "model", str)
     stream = _field(body, "stream", bool, False)
@@ -135,10 +144,11 @@ def _request(body: Body, prompt: str | list[int], params: SamplingParams) -> Gen
         raise bad_request("stream_options.include_usage must be a boolean", "stream_options")
     if options and not stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    return GenerationRequest(model, prompt, params, stream, include_usage)
+    return GenerationRequest(model, prompt, params, stream, include_usage, echo, score_only)
 
 
-def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     stop = _field(body, "stop", (str, list), None)
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise bad_request("stop must be a string or a list of strings", "stop")
@@ -162,6 +172,7 @@ def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int
             stop=stop if isinstance(stop, list) else ([stop] if stop else []),
             ignore_eos=_field(body, "ignore_eos", bool, False),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             structured_output=parse_structured_output(body),
         )
     except ValueError as exc:
@@ -191,20 +202,22 @@ def _logit_bias(bias: dict | None, vocab_size: int) -> dict[int, float] | None:
     return out
 
 
+def _prompts(prompt: str | list, vocab_size: int) -> list[str | list[int]]:
+    """A prompt (a string, or a list of token ids) or a batch of them (a list of those)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", "prompt")
+        return [_prompt(p, vocab_size) for p in prompt]
+    return [_prompt(prompt, vocab_size)]
+
+
 def _prompt(prompt: str | list, vocab_size: int) -> str | list[int]:
-    # A batch of one prompt is accepted in either spelling; real batches are not supported.
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        # well-formed but a batch: say so, rather than call the client's prompt malformed
-        raise bad_request("a batch of several prompts is not supported; send one request per prompt", "prompt",
-                          "unsupported_parameter")
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         return prompt
     if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise bad_request("prompt must be a string, a list of token ids, or a list of one of those", "prompt")
+        raise bad_request("prompt must be a string, a list of token ids, or a list of those", "prompt")
     if not all(0 <= t < vocab_size for t in prompt):
         raise bad_request(f"prompt token ids must be in [0, {vocab_size})", "prompt")
     return list(prompt)

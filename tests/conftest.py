@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import httpx
+import openai
 import pytest
 
+from tests.server import AUTH, KEY
 from tests.tiny_models import save_tiny_model
 
 
@@ -16,3 +19,15 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tie_word_embeddings=True)
+
+
+# The gateway tests' clients of the module's own `server` fixture (a tests.server.Server).
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)

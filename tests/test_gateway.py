@@ -5,7 +5,6 @@ import json
 import time
 
 import httpx
-import openai
 import pytest
 
 from engine.async_engine import AsyncEngine
@@ -22,17 +21,6 @@ def server(tiny_llama_dir):
     with Server(engine) as srv:
         yield srv
     assert not engine.is_running  # the lifespan stopped it
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
-        yield c
 
 
 def sse_events(text: str) -> list[str]:

@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
-from tests.server import AUTH, KEY, MODEL, Server
+from tests.server import AUTH, MODEL, Server
 
 MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
 CHAT = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
@@ -23,17 +23,6 @@ def server(tiny_llama_dir):
                                                   quantization="none"))
     with Server(engine) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -91,12 +80,6 @@ def test_errors_name_the_field_the_client_sent(http):
 @pytest.mark.parametrize("key", [" 5", "5 ", "1_0", "+5", "\u0665"])  # int() takes all of these
 def test_logit_bias_keys_must_be_plain_token_ids(http, key):
     assert _error(http.post("/v1/chat/completions", json={**CHAT, "logit_bias": {key: 1}}), 400)["param"] == "logit_bias"
-
-
-def test_a_batch_of_prompts_is_refused_as_unsupported_not_malformed(http):
-    for prompt in (["a", "b"], [[5, 6], [7]]):
-        err = _error(http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}), 400)
-        assert err["param"] == "prompt" and err["code"] == "unsupported_parameter"
 
 
 _VALUES = ["x", -1, 0, 1.5, 10**30, [], {}, True, None, [1, "a"], {"a": 1}, "\U0001f642"]
