@@ -34,6 +34,17 @@ def parse_structured_output(body: Body) -> GrammarSpec | None:
     return found[0][1] if found else None
 
 
+def constraint_field(body: Body) -> str:
+    """The field the request's output constraint came from (the one parse_structured_output took), which a
+    compile error found later names."""
+    for name in ("response_format", *_GUIDED, "structured_outputs"):
+        value = body.get(name)
+        if value is not None and not (name == "response_format" and isinstance(value, dict)
+                                      and value.get("type") == "text"):
+            return name
+    return "response_format"
+
+
 def _response_format(fmt: Any) -> GrammarSpec | None:
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise bad_request("response_format must be an object with a type", "response_format")
@@ -49,14 +60,26 @@ def _response_format(fmt: Any) -> GrammarSpec | None:
     if not isinstance(inner, dict) or not isinstance(inner.get("name"), str):
         raise bad_request("response_format.json_schema must be an object with a name", "response_format")
     schema = inner.get("schema", {})  # OpenAI: a missing schema means any JSON
-    if not isinstance(schema, dict):
+    if not isinstance(schema, (dict, bool)):  # `true` / `false` are JSON Schemas too
         raise bad_request("response_format.json_schema.schema must be a JSON Schema object", "response_format")
     return _build("response_format", "json", schema)
+
+
+# vLLM's StructuredOutputsParams fields that need nothing here: output is compact JSON already, and a
+# grammar this server cannot compile is a 400, never a fallback to another backend.
+_SO_NO_OPS = frozenset({"disable_any_whitespace", "disable_fallback"})
+_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 def _structured_outputs(so: Any) -> list[tuple[str, GrammarSpec]]:
     if not isinstance(so, dict):
         raise bad_request("structured_outputs must be an object", "structured_outputs")
+    # an unknown or unsupported key (structural_tag, whitespace_pattern, a typo) would otherwise leave the
+    # output silently unconstrained
+    unknown = sorted(k for k in so if k not in _SO_KINDS and k not in _SO_NO_OPS and so[k] not in (None, False))
+    if unknown:
+        raise bad_request(f"structured_outputs.{unknown[0]} is not supported; expected one of "
+                          f"{', '.join(_SO_KINDS)}", "structured_outputs")
     out = []
     for kind in ("json", "regex", "choice", "grammar"):
         if so.get(kind) is not None:
@@ -68,7 +91,7 @@ def _structured_outputs(so: Any) -> list[tuple[str, GrammarSpec]]:
 
 def _build(field: str, kind: str, value: Any) -> GrammarSpec:
     try:
-        if kind == "json" and isinstance(value, (dict, str)):
+        if kind == "json" and isinstance(value, (dict, bool, str)):
             return GrammarSpec.json_schema(value)
         if kind == "regex" and isinstance(value, str):
             return GrammarSpec.regex(value)

@@ -49,12 +49,20 @@ class LLGuidanceBackend(GrammarBackend):
         # Building the matcher validates the grammar and builds the parser (the GIL is released meanwhile).
         template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=self.limits)
         if template.is_error():
-            raise GrammarError(f"invalid or unsupported {KIND_NAMES[spec.kind]}: {_first_line(template.get_error())}")
+            raise GrammarError(f"invalid or unsupported {KIND_NAMES[spec.kind]}: {_summary(template.get_error())}")
         return LLGuidanceGrammar(spec, self.vocab, template)
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+def _summary(message: str, limit: int = 400) -> str:
+    """The gist of an llguidance error: its first line, plus the `error: ...` line where a regex parse error
+    puts the actual reason ("look-around ... is not supported") a few lines below. Capped: the first line
+    may quote the whole regex."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    reason = next((line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")), None)
+    head = lines[0] if len(lines[0]) <= limit else lines[0][:limit] + "..."
+    return f"{head} {reason}" if reason else head
 
 
 class LLGuidanceGrammar(CompiledGrammar):
@@ -77,7 +85,7 @@ class LLGuidanceMatcher(Matcher):
 
     @property
     def error(self) -> str | None:
-        return _first_line(self._m.get_error()) if self._m.is_error() else None
+        return _summary(self._m.get_error()) if self._m.is_error() else None
 
     def _fill(self, row_pointer: int) -> None:
         self._m.unsafe_compute_mask_ptr(row_pointer, self._mask_bytes)

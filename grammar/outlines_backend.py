@@ -4,18 +4,21 @@ table lookup."""
 from __future__ import annotations
 
 import ctypes
+import json
+import re
 from typing import Any
 
 import outlines_core
 from outlines_core import json_schema as oc_json_schema
 
 from grammar.backend import CompiledGrammar, GrammarBackend, Matcher
+from grammar.outlines_schema import check_outlines_schema, inline_refs
 from grammar.spec import KIND_NAMES, GrammarError, GrammarSpec, choice_regex
 from grammar.vocab import TokenVocab
 
 # Compact JSON: no whitespace between tokens (outlines' default allows runs of spaces and newlines).
 JSON_WHITESPACE = ""
-# How deep a recursive $ref is unrolled into the regex (outlines' default). Deeper data is impossible.
+# How many $refs deep a schema is unrolled (outlines' default depth). Deeper data is impossible.
 MAX_RECURSION_DEPTH = 3
 # States a Guide keeps for its own rollback; a longer rollback replays from the start.
 GUIDE_ROLLBACK = 256
@@ -41,22 +44,63 @@ class OutlinesBackend(GrammarBackend):
         if spec.kind not in self.kinds:
             raise GrammarError(f"the outlines backend does not support {spec.kind} grammars (llguidance does)")
         if spec.kind in ("json_schema", "json_object"):
+            schema = json.loads(spec.value)
+            check_outlines_schema(schema)
+            # unrolled here: outlines' own cut of recursive refs leaves invalid JSON (see grammar/outlines_schema.py)
+            unrolled = json.dumps(inline_refs(schema, MAX_RECURSION_DEPTH), ensure_ascii=False)
             try:
-                regex = oc_json_schema.build_regex_from_schema(spec.value, JSON_WHITESPACE, MAX_RECURSION_DEPTH)
+                regex = oc_json_schema.build_regex_from_schema(unrolled, JSON_WHITESPACE, MAX_RECURSION_DEPTH)
             except (ValueError, TypeError) as e:
-                raise GrammarError(f"invalid or unsupported JSON schema: {e}") from None
+                raise GrammarError(f"invalid or unsupported JSON schema: {_first_line(str(e))}") from None
         elif spec.kind == "choice":
             regex = choice_regex(spec.choices())
         else:
-            regex = spec.value
+            regex = strip_end_anchors(spec.value)
         if len(regex.encode("utf-8")) > MAX_REGEX_BYTES:
             raise GrammarError(f"{spec.kind} is too complex for the outlines backend: its regex is "
                                f"{len(regex.encode('utf-8'))} bytes, the limit is {MAX_REGEX_BYTES}")
         try:
             index = outlines_core.Index(regex, self.vocabulary)  # releases the GIL while it builds
         except (ValueError, TypeError) as e:
-            raise GrammarError(f"invalid or unsupported {KIND_NAMES[spec.kind]}: {str(e).strip().splitlines()[0]}") from None
+            raise GrammarError(f"invalid or unsupported {KIND_NAMES[spec.kind]}: {_regex_problem(regex, str(e))}") from None
         return OutlinesGrammar(spec, self.vocab, index)
+
+
+def strip_end_anchors(regex: str) -> str:
+    """Drop a leading `^` / `\\A` and a trailing unescaped `$` / `\\z`: the output is matched in full anyway,
+    and outlines-core refuses anchors (llguidance accepts them, so both backends take `^...$`)."""
+    if regex.startswith("^"):
+        regex = regex[1:]
+    elif regex.startswith("\\A"):
+        regex = regex[2:]
+    if regex.endswith("$") and _trailing_backslashes(regex[:-1]) % 2 == 0:  # an escaped `\$` is a literal dollar
+        return regex[:-1]
+    if regex.endswith("z") and _trailing_backslashes(regex[:-1]) % 2 == 1:  # `\z`, not a literal backslash and z
+        return regex[:-2]
+    return regex
+
+
+def _trailing_backslashes(text: str) -> int:
+    return len(text) - len(text.rstrip("\\"))
+
+
+# outlines-core's regex errors say little ("error building NFA"): name the usual unsupported syntax
+_LOOK_AROUND = re.compile(r"\(\?<?[=!]")
+_BACKREFERENCE = re.compile(r"(?<!\\)(?:\\\\)*\\[1-9]")
+
+
+def _regex_problem(regex: str, message: str) -> str:
+    if _LOOK_AROUND.search(regex):
+        return "look-around, including look-ahead and look-behind, is not supported"
+    if _BACKREFERENCE.search(regex):
+        return "backreferences are not supported"
+    if "anchored" in message:
+        return "anchors (^, $, \\A, \\z) are only supported at the very start and end"
+    return _first_line(message)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
 
 
 class OutlinesGrammar(CompiledGrammar):

@@ -46,7 +46,11 @@ class GrammarSpec:
             raise GrammarError(f"unknown grammar kind {self.kind!r}; expected one of {', '.join(GRAMMAR_KINDS)}")
         if not isinstance(self.value, str):
             raise GrammarError(f"grammar value must be a string, got {type(self.value).__name__}")
-        size = len(self.value.encode("utf-8", "surrogatepass"))
+        try:  # no backend can compile a lone surrogate (JSON text may spell one: "\\ud800")
+            size = len(self.value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise GrammarError(f"invalid {KIND_NAMES[self.kind]}: it contains a lone surrogate "
+                               f"({self.value[e.start]!a}), which is not valid Unicode text") from None
         if size > MAX_SPEC_BYTES:
             raise GrammarError(f"{self.kind} is too large: {size} bytes, the limit is {MAX_SPEC_BYTES}")
 
@@ -57,10 +61,15 @@ class GrammarSpec:
         return f"{self.kind}:{digest}"
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str) -> "GrammarSpec":
-        """A JSON schema given as a dict or JSON text. Key order is kept: it is the order fields are generated in."""
+    def json_schema(cls, schema: dict[str, Any] | bool | str) -> "GrammarSpec":
+        """A JSON schema given as a dict, a boolean schema or JSON text. Key order is kept: it is the order
+        fields are generated in."""
         if isinstance(schema, str):
             schema = _loads(schema, "JSON schema")
+        if schema is True:  # a valid JSON Schema: any JSON value (the backends only take objects)
+            schema = {}
+        if schema is False:
+            raise GrammarError("the JSON schema `false` allows no value")
         if not isinstance(schema, dict):
             raise GrammarError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
         return cls("json_schema", _dumps(schema, "JSON schema"))
