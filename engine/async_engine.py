@@ -119,18 +119,24 @@ class AsyncEngine:
         return self._stats
 
     # ---- requests (event loop side) ----
-    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last has finished=True.
 
         Validation runs before anything is queued, so a bad request raises ValueError from the first
-        `__anext__`. Leaving early (break, cancel, aclose) aborts the request and waits until the
+        `__anext__`; a PreparedRequest (`LLMEngine.prepare_request`, which the gateway calls to answer a bad
+        request with a 400 before its stream opens) is queued as it is, its id and params taken from it. Leaving early (break, cancel, aclose) aborts the request and waits until the
         engine thread has freed its blocks. After a bare `break` that wait happens when the loop
         finalizes the generator; wrap it in `contextlib.aclosing` to have it happen at the break.
         """
-        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
-        # Tokenizing a long prompt takes a while; keep it off the loop.
-        prepared = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params, priority)
+        if isinstance(prompt, PreparedRequest):
+            prepared = prompt
+        else:
+            request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+            # Tokenizing a long prompt takes a while; keep it off the loop.
+            prepared = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt,
+                                             params or SamplingParams(), priority)
+        request_id = prepared.request_id
         stream = self._register(prepared)
         finished = False
         try:

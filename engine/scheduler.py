@@ -254,10 +254,11 @@ class Scheduler:
             elif token in stop_ids and n_out > params.min_tokens:
                 eos = token in self.stop_token_ids and not params.ignore_eos
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, None if eos else token
+            elif req.matcher is not None and req.matcher.is_finished():
+                # the grammar is complete, only EOS could follow: "stop", even on the last token max_tokens allows
+                req.status = RequestStatus.FINISHED_STOPPED
             elif n_out >= req.max_output_tokens:
                 req.status = RequestStatus.FINISHED_LENGTH
-            elif req.matcher is not None and req.matcher.is_finished():
-                req.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete: only EOS could follow
             if req.status.finished:
                 break
         if self._can_jump_forward(req, appended):

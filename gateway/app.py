@@ -13,7 +13,7 @@ import hmac
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -72,14 +72,17 @@ class Gateway:
         self.tokenizer = engine.engine.tokenizer
         self.tokens = TokenText(self.tokenizer)  # shared: it caches each token's text and bytes
         self.max_in_flight = max_in_flight
-        self.in_flight = 0  # generation streams open now (the event loop is the only writer)
+        # Engine requests admitted and not yet answered (the event loop is the only writer). A slot is taken
+        # before admission's first await, so a burst cannot overshoot the limit, and given back by the one
+        # that answers (_run, the SSE response, a WebSocket job) once it is done, whether or not it streamed.
+        self.in_flight = 0
         self.open_sockets = 0  # WebSocket sessions open now
         self.closing = asyncio.Event()  # set once by drain: refuse new work, end open streams
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(engine, lambda: (self.in_flight, self.open_sockets))
 
     # ---- routes ----
     async def health(self, request: Request) -> Response:
@@ -140,36 +143,37 @@ class Gateway:
         return parse_chat(body, self.tokenizer, self._vocab_size())
 
     async def admit(self, req: GenerationRequest, chat: bool) -> Call:
-        """Check the server can take the request now, and tokenize it: a Call ready to stream."""
-        self._check_accepting()
-        if self.in_flight >= self.max_in_flight:
-            raise APIError(429, f"too many requests in flight (limit {self.max_in_flight}); retry later",
-                           code="rate_limit_exceeded")
+        """Check the server can take the request now, and tokenize it: a Call ready to stream. The caller
+        holds an in-flight slot from here and gives it back with `release(1)` once the call is over."""
+        return (await self._admit_all([req], chat))[0]
+
+    def release(self, slots: int) -> None:
+        self.in_flight -= slots
+
+    async def _prepare(self, req: GenerationRequest, chat: bool) -> Call:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             # Tokenize and check the context length here, so a bad prompt is a 400 before any stream opens.
             prepared = await asyncio.to_thread(self.engine.engine.prepare_request, request_id, req.prompt, req.params)
         except GrammarError as exc:  # a bad or too complex schema / regex / grammar, or a compile timeout
-            raise bad_request(str(exc), "response_format", "invalid_grammar") from None
+            raise bad_request(str(exc), req.grammar_field, "invalid_grammar") from None
         except ValueError as exc:
             raise bad_request(str(exc), "messages" if chat else "prompt", "context_length_exceeded") from None
-        return Call(request_id, int(time.time()), chat, req, prepared.token_ids)
+        return Call(request_id, int(time.time()), chat, req, prepared)
 
     async def stream(self, call: Call) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for a call; closing this aborts the request and waits until it is freed."""
         timer = self.metrics.timer()
-        self.in_flight += 1
         try:
             # aclosing: closing this wrapper must close the engine stream now, which aborts the request
-            async with contextlib.aclosing(self.engine.generate(call.prompt_token_ids, call.req.params,
-                                                                call.request_id)) as outputs:
+            # the prepared request as admission checked it: no second tokenization or grammar lookup
+            async with contextlib.aclosing(self.engine.generate(call.prepared)) as outputs:
                 async for out in outputs:
                     timer.observe(out)
                     yield out
         except EngineError as exc:  # the engine stopped after admission: a shutdown, or its thread died
             raise (shutdown_error() if self.closing.is_set() else APIError(503, str(exc))) from None
         finally:
-            self.in_flight -= 1
             timer.done()
 
     def _check_accepting(self) -> None:
@@ -209,20 +213,31 @@ class Gateway:
         if reqs[0].stream:
             # keep-alive comments every 15 s, so proxies do not cut a stream that is slow to start; on SIGTERM
             # sse-starlette waits (up to DRAIN_S) for drain to end the stream with its final events
-            return EventSourceResponse(self._events(calls), sep="\n", ping=_KEEPALIVE_S,
-                                       shutdown_grace_period=DRAIN_S)
-        finals = await collect(request, [self.stream(call) for call in calls])
+            return _SlotsResponse(self._events(calls), lambda: self.release(len(calls)), sep="\n",
+                                  ping=_KEEPALIVE_S, shutdown_grace_period=DRAIN_S)
+        try:
+            finals = await collect(request, [self.stream(call) for call in calls])
+        finally:
+            self.release(len(calls))
         if finals is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         return JSONResponse(self._full_response(calls, finals))
 
     async def _admit_all(self, reqs: list[GenerationRequest], chat: bool) -> list[Call]:
-        if len(reqs) == 1:
-            return [await self.admit(reqs[0], chat)]
-        if self.in_flight + len(reqs) > self.max_in_flight:  # all of a batch's prompts run, or none
-            raise APIError(429, f"{len(reqs)} prompts would pass the limit of {self.max_in_flight} requests in "
-                           "flight; retry later", code="rate_limit_exceeded")
-        calls = [await self.admit(req, chat) for req in reqs]
+        """Calls for every request, holding one in-flight slot each (all of a batch's prompts run, or none)."""
+        self._check_accepting()
+        if self.in_flight + len(reqs) > self.max_in_flight:
+            what = (f"{len(reqs)} prompts would pass the limit of {self.max_in_flight} requests in flight"
+                    if len(reqs) > 1 else f"too many requests in flight (limit {self.max_in_flight})")
+            raise APIError(429, f"{what}; retry later", code="rate_limit_exceeded")
+        self.in_flight += len(reqs)  # before any await: requests admitted at once count against each other
+        try:
+            calls = [await self._prepare(req, chat) for req in reqs]
+        except BaseException:  # a bad prompt, or the client left: nothing of the batch runs
+            self.release(len(reqs))
+            raise
+        if len(calls) == 1:
+            return calls
         # one response: the first prompt's id, each prompt's choices numbered after the previous prompt's
         return [dataclasses.replace(c, response_id=calls[0].request_id, choice_offset=i * c.req.params.n)
                 for i, c in enumerate(calls)]
@@ -255,6 +270,21 @@ class Gateway:
             except APIError as exc:
                 yield {"data": dumps(exc.body())}
         yield {"data": "[DONE]"}
+
+
+class _SlotsResponse(EventSourceResponse):
+    """An SSE response that gives its calls' in-flight slots back once it is over, however it ends: when the
+    client leaves before the first byte, the event generator never even starts."""
+
+    def __init__(self, events: AsyncIterator[dict], release: Callable[[], None], **options) -> None:
+        super().__init__(events, **options)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def _static_fallback(static: ASGIApp, not_found: ASGIApp) -> ASGIApp:

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from engine.llm_engine import PreparedRequest
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from gateway.errors import APIError
 from gateway.protocol import GenerationRequest
@@ -23,9 +24,13 @@ class Call:
     created: int
     chat: bool
     req: GenerationRequest
-    prompt_token_ids: list[int]
+    prepared: PreparedRequest  # tokenized and checked: what the engine runs
     response_id: str = ""  # the id the client sees, when not request_id: a batch of prompts shares one
     choice_offset: int = 0  # the index of this call's first choice in a batch (prompt i's: i * n)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.prepared.token_ids
 
     @property
     def object(self) -> str:
@@ -152,7 +157,7 @@ class Formatter:
             return None
         ids = self.call.prompt_token_ids
         entries = self.prompt_logprobs
-        return _legacy_logprobs([self.tokens.text(t) for t in ids], [e and e.logprob for e in entries],
+        return _legacy_logprobs([self.tokens.text(t) for t in ids], [e and _finite(e.logprob) for e in entries],
                                 [e and self._top(e) for e in entries], _offsets([self.tokens.text(t) for t in ids], 0))
 
     def _logprobs(self, c: CompletionOutput, start: int, end: int, text_offset: int) -> dict | None:
@@ -165,18 +170,23 @@ class Formatter:
         tokens = [self.tokens.text(e.token_id) for e in entries]
         if self.call.req.echo:  # offsets count from the start of the choice's text, the echoed prompt's
             text_offset += len(self._prompt_text())
-        return _legacy_logprobs(tokens, [e.logprob for e in entries], [self._top(e) for e in entries],
+        return _legacy_logprobs(tokens, [_finite(e.logprob) for e in entries], [self._top(e) for e in entries],
                                 _offsets(tokens, text_offset))
 
     def _top(self, e: TokenLogprob) -> dict[str, float]:
         # The legacy API always lists the sampled token too ("up to logprobs+1 elements"), as vLLM does:
         # with logprobs=0 it is the only one.
-        top = {self.tokens.text(t): lp for t, lp in e.top}
-        top.setdefault(self.tokens.text(e.token_id), e.logprob)
+        top = {self.tokens.text(t): _finite(lp) for t, lp in e.top}
+        top.setdefault(self.tokens.text(e.token_id), _finite(e.logprob))
         return top
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        return {"token": self.tokens.text(token_id), "logprob": logprob, "bytes": self.tokens.bytes(token_id)}
+        return {"token": self.tokens.text(token_id), "logprob": _finite(logprob), "bytes": self.tokens.bytes(token_id)}
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -inf, which a grammar-masked alternative has; vLLM writes -9999.0 for it
+    return max(logprob, -9999.0)
 
 
 def _legacy_logprobs(tokens: list[str], logprobs: list, top: list, offsets: list[int]) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,12 +19,18 @@ _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
 
 
 class _EngineCollector:
-    """Reads the engine's latest stats snapshot on each scrape, so the step loop never touches Prometheus."""
+    """Reads the engine's latest stats snapshot (and the gateway's counters) on each scrape, so the step loop
+    never touches Prometheus."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, gateway: Callable[[], tuple[int, int]]):
         self.engine = engine
+        self.gateway = gateway
 
     def collect(self):
+        in_flight, sockets = self.gateway()
+        yield GaugeMetricFamily("sluice_requests_in_flight", "Requests admitted by the gateway and not yet answered",
+                                value=in_flight)
+        yield GaugeMetricFamily("sluice_websockets_open", "WebSocket sessions open", value=sockets)
         s = self.engine.stats()
         for name, doc, value in [
             ("sluice_requests_running", "Requests being decoded", s.num_running),
@@ -57,7 +64,8 @@ def _speculative(s):
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, gateway: Callable[[], tuple[int, int]]):
+        """`gateway` gives the gateway's in-flight requests and open WebSocket sessions at scrape time."""
         self.registry = CollectorRegistry()
         self.requests = Counter("sluice_requests", "Finished generation requests by outcome", ["outcome"],
                                 registry=self.registry)
@@ -67,7 +75,7 @@ class Metrics:
                               buckets=_TOKEN_BUCKETS, registry=self.registry)
         self.e2e = Histogram("sluice_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(engine, gateway))
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE)

@@ -14,7 +14,7 @@ from typing import Any
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import render_chat
 from gateway.errors import APIError, bad_request
-from gateway.structured import parse_structured_output
+from gateway.structured import constraint_field, parse_structured_output
 
 Body = dict[str, Any]
 _MISSING = object()
@@ -32,6 +32,7 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    grammar_field: str = "response_format"  # where the output constraint came from, for compile errors
     echo: bool = False  # completions: each choice's text (and logprobs) starts with the prompt's
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing generated
 
@@ -144,7 +145,7 @@ def _request(body: Body, prompt: str | list[int], params: SamplingParams, echo: 
         raise bad_request("stream_options.include_usage must be a boolean", "stream_options")
     if options and not stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    return GenerationRequest(model, prompt, params, stream, include_usage, echo, score_only)
+    return GenerationRequest(model, prompt, params, stream, include_usage, constraint_field(body), echo, score_only)
 
 
 def _sampling(body: Body, vocab_size: int, max_tokens: int | None, logprobs: int | None,

@@ -158,12 +158,23 @@ class Session:
             return
         job = self.jobs[rid] = _Job(rid)
         job.task = asyncio.create_task(self._serve(job, body))
+        job.task.add_done_callback(lambda _: self._ended(job))
+
+    def _ended(self, job: _Job) -> None:
+        # A task cancelled before its first step never runs _serve, whose end says "cancelled" and drops the job:
+        # a cancel frame right behind its request frame (read in the same go) does that.
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+            if job.cancelled:
+                self._send(_done_frame(job.id, "cancelled", None))
 
     # ---- one request ----
     async def _serve(self, job: _Job, body: Any) -> None:
         chunks: ChunkStream | None = None
+        admitted = False
         try:
             call = await self._admit(body)
+            admitted = True  # this job holds an in-flight slot until its end
             chunks = ChunkStream(self.gw.tokens, call)
             async with contextlib.aclosing(chunks.chunks(self.gw.stream(call))) as stream:
                 async for chunk in stream:
@@ -184,6 +195,8 @@ class Session:
             log.exception("WebSocket request %r failed", job.id, exc_info=exc)
             end = _error_frame(job.id, APIError(500, "internal server error", type="server_error"))
         finally:
+            if admitted:
+                self.gw.release(1)
             del self.jobs[job.id]
         self._send(end)
 

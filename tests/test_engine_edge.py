@@ -264,3 +264,14 @@ def test_offline_logit_bias_outside_the_vocabulary_is_refused(llm):
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate([PROMPT], SamplingParams(max_tokens=2, logit_bias={vocab: 5.0}))
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("jump_forward", [True, False])
+def test_a_grammar_completed_on_the_last_allowed_token_is_a_stop(llm, jump_forward):
+    spec = GrammarSpec.choice(["abc def"])
+    free = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, structured_output=spec,
+                                                 jump_forward=jump_forward))[0].outputs[0]
+    assert free.finish_reason == "stop"
+    exact = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=len(free.token_ids), structured_output=spec,
+                                                  jump_forward=jump_forward))[0].outputs[0]
+    assert exact.text == "abc def" and exact.finish_reason == "stop"  # complete, not cut by max_tokens

@@ -167,3 +167,34 @@ def test_models_retrieve(client, http, server):
         client.models.retrieve("gpt-9")
     assert _error(http.get("/v1/models/org/gpt-9"), 404)["code"] == "model_not_found"
     _error(httpx.get(f"{server.url}/v1/models/{MODEL}"), 401)
+
+
+def test_logprobs_of_grammar_masked_alternatives_are_json_numbers(http):
+    # a forced position leaves fewer allowed tokens than top_logprobs asks for: the rest are -inf, which JSON
+    # cannot carry (a 500 before); they are written as -9999.0, as vLLM does
+    body = {**CHAT, "max_tokens": 8, "logprobs": True, "top_logprobs": 5, "guided_choice": ["yes", "no"]}
+    full = http.post("/v1/chat/completions", json=body)
+    assert full.status_code == 200, full.text
+    streamed = http.post("/v1/chat/completions", json={**body, "stream": True})
+    assert "Infinity" not in streamed.text and "NaN" not in streamed.text
+    tops = [t["logprob"] for e in full.json()["choices"][0]["logprobs"]["content"] for t in e["top_logprobs"]]
+    assert len(tops) >= 5 and min(tops) == -9999.0
+
+
+def test_a_grammar_compile_error_names_the_field_it_came_from(http):
+    for field, value in [("guided_regex", "(?=a)a"), ("structured_outputs", {"regex": "(?=a)a"})]:
+        err = _error(http.post("/v1/chat/completions", json={**CHAT, field: value}), 400)
+        assert err["param"] == field and err["code"] == "invalid_grammar"
+
+
+def test_a_request_is_prepared_once(http, server):
+    engine = server.engine.engine
+    calls = []
+    real = engine.prepare_request
+    engine.prepare_request = lambda *a, **kw: calls.append(a) or real(*a, **kw)
+    try:
+        for stream in (False, True):
+            assert http.post("/v1/chat/completions", json={**CHAT, "stream": stream}).status_code == 200
+    finally:
+        del engine.prepare_request
+    assert len(calls) == 2  # admission's only: the engine runs what admission tokenized and checked

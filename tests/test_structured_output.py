@@ -136,9 +136,9 @@ def test_gateway_choice_regex_json_object(server):
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"guided_regex": "(unclosed"}, "response_format"),
-    ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "response_format"),
-    ({"guided_grammar": "start: undefined_rule"}, "response_format"),
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "guided_json"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"guided_choice": []}, "guided_choice"),

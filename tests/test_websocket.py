@@ -163,7 +163,7 @@ def test_malformed_frames_get_errors_and_the_socket_stays_open(server):
                  ({"model": "gpt-9"}, 404, "model", "model_not_found"),
                  ({"messages": [{"role": "user", "content": long_prompt}]}, 400, "messages",
                   "context_length_exceeded"),
-                 ({"guided_regex": "(unclosed"}, 400, "response_format", "invalid_grammar"),
+                 ({"guided_regex": "(unclosed"}, 400, "guided_regex", "invalid_grammar"),
                  ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter")]
         for i, (change, status, param, code) in enumerate(cases):
             request(ws, i, **change)
