@@ -29,6 +29,13 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict."""
+        try:
+            return cls._from_hf(cfg)
+        except KeyError as exc:  # a config.json of something else than a decoder LLM
+            raise ValueError(f"config.json has no {exc.args[0]!r}: not a Llama-family model's config") from None
+
+    @classmethod
+    def _from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
@@ -99,3 +106,52 @@ class EngineConfig:
     speculative_max_batch: int | None = None
     grammar_backend: str = "llguidance"  # structured output: "llguidance" or "outlines" (outlines-core)
     grammar_timeout_s: float = 5.0  # a grammar that compiles longer than this is refused
+
+    def __post_init__(self) -> None:
+        # Checked here, before any model loads, so a bad value is a clear error in seconds, not a
+        # ZeroDivisionError (block_size 0) or a silently ignored value (0 reads as "unset" below) later.
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("speculative", self.speculative, SPECULATIVE_METHODS)
+        _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
+        if self.speculative_quantization is not None:
+            _choice("speculative_quantization", self.speculative_quantization, QUANTIZATIONS)
+        check_device_name(self.device)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len", "speculative_max_batch"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if not 0 <= self.speculative_min_draft_prob <= 1:
+            raise ValueError(f"speculative_min_draft_prob must be in [0, 1], got {self.speculative_min_draft_prob}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.speculative == "draft" and not self.speculative_model:
+            raise ValueError("speculative 'draft' needs a draft model: speculative_model (--speculative-model)")
+        if self.speculative_model and self.speculative not in ("eagle", "draft"):  # else it is silently unused
+            raise ValueError(f"a speculative_model (--speculative-model) is for speculative 'eagle' or 'draft', "
+                             f"not {self.speculative!r}")
+
+
+DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none", "fp16", "int8")
+SPECULATIVE_METHODS = ("none", "ngram", "eagle", "draft")
+GRAMMAR_BACKENDS = ("llguidance", "outlines")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device_name(device: str) -> None:
+    """`cpu`, `cuda` or `cuda:N`: the devices the model runner and kernels support."""
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -75,9 +75,13 @@ def ensure_model(pin: PinnedGGUF, progress: bool = True) -> Path:
     if converted_sha256(target) == pin.sha256:
         return target
     gguf = gguf_path(pin)
-    if not (gguf.is_file() and file_sha256(gguf) == pin.sha256):
-        _fetch(pin, gguf, progress)
-    convert_gguf(gguf, target, progress=progress)
+    try:
+        if not (gguf.is_file() and file_sha256(gguf) == pin.sha256):
+            _fetch(pin, gguf, progress)
+        convert_gguf(gguf, target, progress=progress)
+    except OSError as exc:  # an unwritable or full cache: say which folder and how to pick another
+        raise ModelFetchError(f"cannot write the model cache under {sluice_home()} ({exc}); "
+                              "set SLUICE_HOME to a writable folder") from None
     return target
 
 
@@ -94,6 +98,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
         if path.is_file():
             return ModelSource("gguf", path.resolve())
         raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    if path.exists() or name_or_path.startswith(("/", ".", "~")):  # clearly meant as a local path
+        raise ValueError(f"model path {name_or_path!r} is not a folder or a .gguf file"
+                         if path.exists() else f"model path {name_or_path!r} does not exist")
     raise ValueError(
         f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, a Hugging Face model folder "
         "(with config.json) or a .gguf file; hub names are not downloaded"

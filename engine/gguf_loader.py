@@ -40,11 +40,12 @@ _BLOCK_NAMES = {
 # Not a weight: llama.cpp's baked Llama-3 RoPE divisors, turned back into config["rope_scaling"].
 _ROPE_FREQS = "rope_freqs.weight"
 _STALE_PARTIAL_SECONDS = 24 * 3600
+_GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def read_gguf(path: str | Path, progress: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Return (HF config dict, fp32 state dict in HF names and [out, in] shapes) for a llama/qwen2 GGUF."""
-    reader = GGUFReader(str(path))
+    reader = _open(path)
     arch = _architecture(reader)
     tensors = {t.name: t for t in reader.tensors}
     config = _hf_config(reader, arch, tensors)
@@ -69,7 +70,7 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if tokenizer.chat_template is None:
-        template = _field(GGUFReader(str(path)), "tokenizer.chat_template")
+        template = _field(_open(path), "tokenizer.chat_template")
         if template:
             tokenizer.chat_template = template
     return tokenizer
@@ -88,7 +89,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, progress: bool = True) -
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del state
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(config))
+        _write_json(tmp / "generation_config.json", {k: v for k, v in config.items() if k in _GENERATION_KEYS})
         if progress:  # the tokenizer rebuild is silent and takes seconds; say what the pause is
             print("Building tokenizer from GGUF metadata ...", file=sys.stderr, flush=True)
         load_gguf_tokenizer(path).save_pretrained(str(tmp))
@@ -119,6 +120,12 @@ def file_sha256(path: str | Path) -> str:
 
 # --- metadata -------------------------------------------------------------------------------------
 
+
+def _open(path: str | Path) -> GGUFReader:
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as exc:  # numpy's words for bytes that are no GGUF
+        raise ValueError(f"{path} is not a readable GGUF file (corrupt or truncated?): {exc}") from None
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.get_field(key)
@@ -174,18 +181,15 @@ def _special_tokens(reader: GGUFReader) -> dict[str, Any]:
     ids = lambda *names: [_field(reader, f"tokenizer.ggml.{n}_token_id") for n in names]  # noqa: E731
     # Chat models end a turn with eot/eom rather than eos; generation must stop on any of them.
     eos = list(dict.fromkeys(int(i) for i in ids("eos", "eot", "eom") if i is not None))
-    out: dict[str, Any] = {}
-    for name, value in (("bos_token_id", ids("bos")[0]), ("pad_token_id", ids("padding")[0])):
-        if value is not None:
-            out[name] = int(value)
+    bos, pad = ids("bos", "padding")
+    out: dict[str, Any] = {k: int(v) for k, v in (("bos_token_id", bos), ("pad_token_id", pad)) if v is not None}
     if eos:
         out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return out
 
 
-def _rope_scaling(
-    reader: GGUFReader, arch: str, rope_freqs: np.ndarray | None, head_dim: int, theta: float
-) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | None, head_dim: int,
+                  theta: float) -> dict[str, Any] | None:
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None if rope_freqs is None else _llama3_scaling(rope_freqs, head_dim, theta)
@@ -231,11 +235,6 @@ def llama3_divisors(scaling: dict[str, Any], inv_freq: np.ndarray) -> np.ndarray
     wavelen = 2 * math.pi / inv_freq
     smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
     return 1 / ((1 - smooth) / factor + smooth)
-
-
-def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-    return {k: config[k] for k in keys if k in config}
 
 
 # --- tensors --------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
+from engine.config import QUANTIZATIONS, ModelConfig, check_device_name
 from engine.default_model import ModelSource, resolve_model
 from engine.model import LlamaForCausalLM
 from kernels import attention_backend
@@ -31,16 +31,38 @@ class LoadedModel:
     quantization: str = "none"
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
+           "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
     if dtype != "auto":
-        return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype))
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
     if torch.device(device).type == "cpu":
         return torch.float32  # bf16 matmuls are hundreds of times slower than fp32 on CPUs without AMX
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-    return getattr(torch, declared)
+    return _DTYPES.get(declared, torch.float32)  # a checkpoint that declares fp8 etc. loads in fp32
 
 
-QUANTIZATIONS = ("auto", "none", "fp16", "int8")
+def check_device(device: str, kv_cache_memory: int | None = None) -> None:
+    """A clear error for a device this machine lacks, or a KV budget it has no room for, before loading."""
+    check_device_name(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__} "
+                         f"{'has no CUDA support' if torch.version.cuda is None else 'sees none'}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if kv_cache_memory:  # the pool is zeroed as it is allocated: too big is an OOM kill later, not an error
+        from engine.llm_engine import _available_memory
+
+        if kv_cache_memory > (free := _available_memory(device)):
+            raise ValueError(f"a KV cache of {kv_cache_memory / (1 << 30):.1f}G (--kv-cache-memory) is more than "
+                             f"the {free / (1 << 30):.1f}G of free memory on {device}")
+
+
 # Which CPU weight formats pass the quality gate of tests/test_quantization.py (>= 80% of 20
 # greedy chat answers equal over 16 tokens, perplexity +3% at most); that test keeps these true.
 # int8 fails on agreement: even int8 weights alone (fp32 activations) keep only 8 of 20 answers equal
@@ -54,16 +76,18 @@ PASSES_QUALITY_GATE = {"fp16": True, "int8": False}
 _FASTEST_FIRST = ("int8", "fp16")
 
 
-def resolve_quantization(quantization: str, device: str) -> str:
+def resolve_quantization(quantization: str, device: str, dtype: torch.dtype = torch.float32) -> str:
     """`auto`: on CPU the fastest weight format that passes the quality gate; elsewhere the model dtype."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     on_cpu = torch.device(device).type == "cpu"
     if quantization in _FASTEST_FIRST and not on_cpu:
         raise ValueError(f"{quantization} weights run through fbgemm on CPU only; use --quantization none on GPU")
+    if quantization in _FASTEST_FIRST and dtype != torch.float32:  # they pack fp32 weights, with fp32 activations
+        raise ValueError(f"{quantization} weights need an fp32 model; use --dtype auto or --quantization none")
     if quantization != "auto":
         return quantization
-    if not on_cpu or "fbgemm" not in torch.backends.quantized.supported_engines:
+    if not on_cpu or dtype != torch.float32 or "fbgemm" not in torch.backends.quantized.supported_engines:
         return "none"
     return next((q for q in _FASTEST_FIRST if PASSES_QUALITY_GATE[q]), "none")
 
@@ -71,9 +95,10 @@ def resolve_quantization(quantization: str, device: str) -> str:
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto",
                quantization: str = "none") -> LoadedModel:
     start = time.perf_counter()
+    check_device(device)
     source = resolve_model(name_or_path)
     model, hf_config = build_model(source, device, dtype)
-    quantization = resolve_quantization(quantization, device)
+    quantization = resolve_quantization(quantization, device, next(model.parameters()).dtype)
     outliers = _calibrate(model, source) if quantization == "int8" else None
     model.pack_linears(quantization, progress=quantization != "none", outliers=outliers)
     model.eval().requires_grad_(False)
@@ -114,7 +139,10 @@ def _read_source(source: ModelSource) -> tuple[dict, Iterable[tuple[str, torch.T
 
         hf_config, state_dict = read_gguf(source.path)
         return hf_config, state_dict.items()
-    hf_config = json.loads((source.path / "config.json").read_text())
+    try:
+        hf_config = json.loads((source.path / "config.json").read_text())
+    except ValueError as exc:
+        raise ValueError(f"{source.path / 'config.json'} is not valid JSON: {exc}") from None
     return hf_config, _iter_safetensors(source.path)
 
 

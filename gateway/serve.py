@@ -7,6 +7,7 @@ lifespan's exit. Without the drain, uvicorn would wait on open streams until its
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import sys
@@ -53,9 +54,15 @@ class GracefulServer(uvicorn.Server):
     stream does only at its end; the drain gives both a final event first.
     """
 
-    def __init__(self, config: uvicorn.Config):
+    def __init__(self, config: uvicorn.Config, started_line: str | None = None):
         super().__init__(config)
         self.app = config.app
+        self.started_line = started_line
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # exits the process when it cannot listen
+        if self.started_line:  # said once listening, so the URL in it works
+            logging.getLogger("uvicorn.error").info("%s", self.started_line)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # stop accepting first, so nothing new starts during the drain
@@ -78,21 +85,46 @@ def serve(engine: AsyncEngine, model_name: str, options: ServeOptions) -> None:
     sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
 
     app = build_served_app(engine, model_name, options.api_key, options.max_in_flight)
-    server = GracefulServer(server_config(app, host=options.host, port=options.port, log_level=options.log_level))
-    with _sigterm_is_a_normal_exit():
+    config = server_config(app, host=options.host, port=options.port, log_level=options.log_level)
+    server = GracefulServer(config, started_line(engine, model_name, options))
+    with _stop_signals_are_a_normal_exit():
         server.run()
 
 
+def started_line(engine: AsyncEngine, model_name: str, options: ServeOptions) -> str:
+    core = engine.engine
+    blocks, block_size = core.block_manager.num_blocks, core.config.block_size
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    return (f"Serving {model_name} at http://{host}:{options.port} (KV cache: {blocks} blocks = "
+            f"{blocks * block_size} tokens, max model len {core.max_model_len})")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Fail in a second, before the model loads, when the address is taken, malformed or not this machine's."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in [1, 65535], got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            sock.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
-def _sigterm_is_a_normal_exit():
+def _stop_signals_are_a_normal_exit():
     """uvicorn re-raises the signal that stopped it once it has shut down, so the process ends the way the
-    signal says; under the default SIGTERM action that is death by signal, after a clean shutdown. A no-op
-    handler makes it a normal exit (status 0). Ctrl-C still ends in KeyboardInterrupt (the CLI's 130)."""
+    signal says: death by SIGTERM, or KeyboardInterrupt for Ctrl-C, after a clean shutdown. No-op handlers
+    make both a normal exit (status 0), as a server that was asked to stop and did."""
     if threading.current_thread() is not threading.main_thread():  # signals are the main thread's alone
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
