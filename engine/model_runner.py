@@ -1,7 +1,6 @@
 """Model runner: SchedulerOutput in, sampled tokens out. It owns the KV cache and never sees a Request."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -104,7 +103,9 @@ class ModelRunner:
         if any(s.num_draft_tokens for s in rows):
             return self._verify(logits, rows)
         errors = self._apply_logits_processors(logits, rows)
-        return dataclasses.replace(self._sample(logits, rows), errors=errors)
+        result = self._sample(logits, rows)
+        result.errors = errors
+        return result
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
         bs = self.block_size

@@ -80,14 +80,20 @@ class Frames:
         return [f for f in self.sent if f["type"] == "request"]
 
 
-@pytest.fixture
-def ui(browser, server):
-    """The page, connected, and the frames its socket carries."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+def _open(browser, **options):
+    """A new context and page with the tests' timeout, and the list the page's uncaught errors go to."""
+    context = browser.new_context(**{"viewport": {"width": 1280, "height": 800}, **options})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return context, page, errors
+
+
+@pytest.fixture
+def ui(browser, server):
+    """The page, connected, and the frames its socket carries."""
+    context, page, errors = _open(browser)
     frames = Frames(page)
     page.goto(f"{server.url}/?api_key={KEY}")
     page.wait_for_selector("[data-testid=conn-status][data-state=open]")
@@ -234,8 +240,7 @@ def test_markdown_renderer_escapes_html(ui):
 
 
 def test_phone_width_layout(browser, server):
-    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
-    pg = context.new_page()
+    context, pg, _ = _open(browser, viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
     pg.goto(f"{server.url}/?api_key={KEY}")
     pg.wait_for_selector("[data-testid=conn-status][data-state=open]")
     assert pg.evaluate("document.documentElement.scrollWidth") <= 360  # nothing scrolls sideways
@@ -338,9 +343,7 @@ def test_new_chat_while_streaming_leaves_nothing_of_the_old_answer(ui):
 
 
 def test_without_the_api_key(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
+    context, page, _ = _open(browser)
     page.goto(f"{server.url}/")
     page.wait_for_selector("[data-testid=conn-status][data-state=refused]")
     _ask(page, "Hi")
@@ -359,11 +362,7 @@ def test_without_the_api_key(browser, server):
 
 
 def test_a_dropped_socket_ends_the_answer_and_reconnects(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    context, page, errors = _open(browser)
     sockets, models = [], []
 
     def proxy(ws):  # the page's socket, through Playwright, so that the test can cut it
