@@ -51,10 +51,16 @@ class LLMEngine:
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(self.loaded.source)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.loaded.source, self.loaded.hf_config)
+        model_len, wanted = self.model_config.max_position_embeddings, config.max_model_len
+        if wanted and wanted > model_len:  # as vLLM: positions past the model's were never trained
+            raise ValueError(f"max_model_len (--max-model-len) {wanted} is more than the model's context "
+                             f"({model_len} tokens)")
         proposer = make_proposer(config, self.loaded, self.tokenizer)
         num_blocks = self._num_blocks(proposer)
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        if wanted and wanted > num_blocks * config.block_size:  # a request could never be given its blocks
+            raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than max_model_len "
+                             f"{wanted}: raise --kv-cache-memory or lower --max-model-len")
+        self.max_model_len = min(wanted or model_len, num_blocks * config.block_size)
         log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
                  config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -195,7 +201,14 @@ def make_proposer(config: EngineConfig, target: LoadedModel,
     if config.speculative == "eagle":
         from decoding.eagle import DEFAULT_HEAD, EagleProposer, load_eagle
 
-        head = load_eagle(config.speculative_model or DEFAULT_HEAD, target.model, target.quantization)
+        try:
+            head = load_eagle(config.speculative_model or DEFAULT_HEAD, target.model, target.quantization)
+        except ValueError as exc:
+            if config.speculative_model:
+                raise
+            raise ValueError("the EAGLE head shipped with Sluice fits the default model (smollm2) only; train one "
+                             "for this model (sluice train-eagle --model MODEL --out HEAD) and pass it as "
+                             f"--speculative-model HEAD ({exc})") from None
         return EagleProposer(head, config.num_speculative_tokens, min_draft_prob=config.speculative_min_draft_prob)
     if config.speculative == "draft":
         from decoding.draft_model import DraftModelProposer

@@ -125,15 +125,7 @@ def _load_engine(args: argparse.Namespace):
 
     config = engine_config(args)  # checks the values
     check_device(config.device, config.kv_cache_memory)
-    loaded = load_model(config.model, config.device, config.dtype, config.quantization)
-    model_len, wanted = loaded.config.max_position_embeddings, config.max_model_len
-    if wanted and wanted > model_len:  # as vLLM: positions past the model's were never trained
-        raise ValueError(f"--max-model-len {wanted} is more than the model's context ({model_len} tokens)")
-    engine = LLMEngine(config, loaded)
-    if wanted and engine.max_model_len < wanted:
-        raise ValueError(f"the KV cache holds {engine.max_model_len} tokens, less than --max-model-len {wanted}: "
-                         "raise --kv-cache-memory or lower --max-model-len")
-    return engine
+    return LLMEngine(config, load_model(config.model, config.device, config.dtype, config.quantization))
 
 
 def _print_stream(deltas: Iterable[str]) -> str:

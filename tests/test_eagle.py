@@ -275,3 +275,10 @@ def test_the_head_is_skipped_while_the_batch_is_too_large_to_draft(target, tiny_
     monkeypatch.setattr(chunked.engine.runner.proposer, "propose_from_features", lambda fb: seen.append(fb) or {})
     chunked.generate(["a long prompt that takes a few chunks of eight tokens to get in"], params)
     assert [fb.seq_lens[0] for fb in seen[:2]] == [8, 16] and not any(seen[0].propose)
+
+
+def test_the_shipped_head_on_another_model_says_how_to_get_one(tiny_llama_dir):
+    from engine import LLM
+
+    with pytest.raises(ValueError, match=r"fits the default model .*sluice train-eagle"):
+        LLM(str(tiny_llama_dir), num_kv_blocks=16, quantization="none", speculative="eagle")

@@ -275,3 +275,12 @@ def test_a_grammar_completed_on_the_last_allowed_token_is_a_stop(llm, jump_forwa
     exact = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=len(free.token_ids), structured_output=spec,
                                                   jump_forward=jump_forward))[0].outputs[0]
     assert exact.text == "abc def" and exact.finish_reason == "stop"  # complete, not cut by max_tokens
+
+
+def test_a_max_model_len_the_model_or_the_cache_cannot_hold_is_refused(tiny_llama_dir):
+    # it was cut down silently: a caller counting on that context got requests refused later instead
+    with pytest.raises(ValueError, match="more than the model's context"):
+        LLM(str(tiny_llama_dir), num_kv_blocks=16, block_size=4, quantization="none", max_model_len=10**6)
+    with pytest.raises(ValueError, match="the KV cache holds 64 tokens"):
+        LLM(str(tiny_llama_dir), num_kv_blocks=16, block_size=4, quantization="none", max_model_len=100)
+    assert LLM(str(tiny_llama_dir), num_kv_blocks=16, block_size=4, quantization="none").engine.max_model_len == 64
