@@ -265,8 +265,8 @@ class Gateway:
                 async for chunk in chunks:
                     yield {"data": dumps(chunk)}
                 if not single and calls[0].req.include_usage:  # one usage chunk for the whole batch
-                    parts = [(s.call, s.last.outputs if s.last else []) for s in streams]
-                    yield {"data": dumps(calls[0].envelope(calls[0].chunk_object, [], usage(parts)))}
+                    total = usage([s.usage_part() for s in streams])
+                    yield {"data": dumps(calls[0].envelope(calls[0].chunk_object, [], total))}
             except APIError as exc:
                 yield {"data": dumps(exc.body())}
         yield {"data": "[DONE]"}

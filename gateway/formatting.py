@@ -5,6 +5,7 @@ SSE and the WebSocket API both send exactly what `ChunkStream.chunks` yields, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -79,7 +80,11 @@ class ChunkStream:
             yield call.envelope(call.chunk_object, [], self.usage())
 
     def usage(self) -> dict:
-        return usage([(self.call, self.last.outputs if self.last is not None else [])])
+        return usage([self.usage_part()])
+
+    def usage_part(self) -> tuple[Call, list[CompletionOutput]]:
+        """What this call adds to its response's usage (a batch sums its calls')."""
+        return self.call, self.last.outputs if self.last is not None else []
 
     @property
     def finish_reason(self) -> str | None:
@@ -143,11 +148,13 @@ class Formatter:
             finish = finish and "length"
         if req.echo and c.index not in self.echoed:
             self.echoed.add(c.index)
-            text = self._prompt_text() + text
+            text = self.prompt_text + text
             logprobs = _join(self._prompt_logprobs(), logprobs)
         return {"index": c.index + self.call.choice_offset, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def _prompt_text(self) -> str:
+    @functools.cached_property
+    def prompt_text(self) -> str:
+        """The echoed prompt: as given, or decoded once from its token ids (every streamed echo offset needs it)."""
         prompt = self.call.req.prompt
         return prompt if isinstance(prompt, str) else self.tokens.tokenizer.decode(self.call.prompt_token_ids)
 
@@ -169,7 +176,7 @@ class Formatter:
                                  "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
         tokens = [self.tokens.text(e.token_id) for e in entries]
         if self.call.req.echo:  # offsets count from the start of the choice's text, the echoed prompt's
-            text_offset += len(self._prompt_text())
+            text_offset += len(self.prompt_text)
         return _legacy_logprobs(tokens, [_finite(e.logprob) for e in entries], [self._top(e) for e in entries],
                                 _offsets(tokens, text_offset))
 
