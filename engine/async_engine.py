@@ -25,6 +25,7 @@ from typing import AsyncIterator
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, PreparedRequest
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.platform import release_openmp_workers
 from engine.request import RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.stats import SchedulerStats
@@ -90,6 +91,8 @@ class AsyncEngine:
     async def start(self) -> None:
         if self._thread is None:
             self._accepting = True
+            # Model loading ran OpenMP on this thread; its idle workers would slow every engine step.
+            release_openmp_workers()
             self._thread = threading.Thread(target=self._run, name="sluice-engine", daemon=True)
             self._thread.start()
         elif not self.is_running:
