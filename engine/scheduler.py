@@ -247,14 +247,13 @@ class Scheduler:
             req.output_token_ids.append(token)
             appended.append(token)
             n_out = len(req.output_token_ids)
-            if req.matcher is not None and not req.matcher.accept_token(token):
-                req.status, req.error = RequestStatus.FINISHED_ERROR, "the grammar refused a sampled token"
-            elif req.matcher is not None and req.matcher.error is not None:  # the backend gave up mid-request
-                req.status, req.error = RequestStatus.FINISHED_ERROR, f"grammar error: {req.matcher.error}"
+            grammar_error, grammar_done = req.matcher.feed(token) if req.matcher is not None else (None, False)
+            if grammar_error is not None:
+                req.status, req.error = RequestStatus.FINISHED_ERROR, grammar_error
             elif token in stop_ids and n_out > params.min_tokens:
                 eos = token in self.stop_token_ids and not params.ignore_eos
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, None if eos else token
-            elif req.matcher is not None and req.matcher.is_finished():
+            elif grammar_done:
                 # the grammar is complete, only EOS could follow: "stop", even on the last token max_tokens allows
                 req.status = RequestStatus.FINISHED_STOPPED
             elif n_out >= req.max_output_tokens:

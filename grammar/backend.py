@@ -65,6 +65,20 @@ class Matcher(ABC):
         self._tokens.append(token_id)
         return True
 
+    def feed(self, token_id: int) -> tuple[str | None, bool]:
+        """accept_token as the engine uses it: (the error that ends the request, or None; is_finished()).
+
+        The error is a refused token, a backend that gave up, or one that raised: a backend's failure
+        is its request's alone, never the whole step's."""
+        try:
+            if not self.accept_token(token_id):
+                return "the grammar refused a sampled token", False
+            if self.error is not None:
+                return f"grammar error: {self.error}", False
+            return None, self.is_finished()
+        except Exception as exc:  # noqa: BLE001 - any backend exception
+            return f"grammar error: {type(exc).__name__}: {exc}", False
+
     def rollback(self, k: int) -> None:
         """Undo the last k accepted tokens (speculative decoding's rejected drafts, preemption)."""
         if not 0 <= k <= len(self._tokens):
@@ -85,9 +99,10 @@ class Matcher(ABC):
         """Tokens the grammar allows as the only continuation from here (jump-forward), without advancing:
         the caller accepts them (accept_token each) and feeds them to the model. Empty when the next token
         is not unique, and once finished (the EOS that remains is not forced on the engine)."""
-        if self.is_finished():
+        try:
+            return [] if self.is_finished() else self._forced()
+        except Exception:  # noqa: BLE001 - no jump-forward; the next step's mask fill reports the failure
             return []
-        return self._forced()
 
     def reset(self) -> None:
         """Back to the start, as if no token had been accepted."""
