@@ -252,7 +252,7 @@ class Gateway:
             fmt = Formatter(self.tokens, call)
             fmt.see(final)
             choices += [fmt.full_choice(c) for c in sorted(final.outputs, key=lambda c: c.index)]
-        return calls[0].envelope(calls[0].object, choices, usage([(c, f.outputs) for c, f in zip(calls, finals)]))
+        return calls[0].envelope(calls[0].object, choices, usage(list(zip(calls, finals))))
 
     # ---- streaming ----
     async def _events(self, calls: list[Call]) -> AsyncIterator[dict]:

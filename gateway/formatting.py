@@ -82,9 +82,9 @@ class ChunkStream:
     def usage(self) -> dict:
         return usage([self.usage_part()])
 
-    def usage_part(self) -> tuple[Call, list[CompletionOutput]]:
+    def usage_part(self) -> tuple[Call, RequestOutput | None]:
         """What this call adds to its response's usage (a batch sums its calls')."""
-        return self.call, self.last.outputs if self.last is not None else []
+        return self.call, self.last
 
     @property
     def finish_reason(self) -> str | None:
@@ -214,11 +214,15 @@ def _join(first: dict | None, then: dict | None) -> dict | None:
     return {key: first[key] + then[key] for key in first}
 
 
-def usage(parts: list[tuple[Call, list[CompletionOutput]]]) -> dict:
-    """Token counts of one response: each call's prompt once, and what its choices generated."""
+def usage(parts: list[tuple[Call, RequestOutput | None]]) -> dict:
+    """Token counts of one response: each call's prompt once, what its choices generated, and (OpenAI's
+    prompt_tokens_details) how many prompt tokens the prefix cache served."""
     prompt = sum(len(call.prompt_token_ids) for call, _ in parts)
-    completion = sum(0 if call.req.score_only else len(c.token_ids) for call, outputs in parts for c in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    completion = sum(len(c.token_ids) for call, out in parts if out is not None and not call.req.score_only
+                     for c in out.outputs)
+    cached = sum(out.num_cached_tokens for _, out in parts if out is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def raise_if_error(out: RequestOutput) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.errors import APIError, bad_request
-from gateway.formatting import Call, ChunkStream, aborted, dumps, shutdown_error
+from gateway.formatting import Call, ChunkStream, aborted, dumps, shutdown_error, usage
 from gateway.protocol import check_unicode
 
 if TYPE_CHECKING:
@@ -218,5 +218,5 @@ def _error_frame(rid: Id | None, err: APIError) -> dict:
 
 
 def _done_frame(rid: Id, finish_reason: str | None, chunks: ChunkStream | None) -> dict:
-    usage = chunks.usage() if chunks is not None else {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    return {"type": "done", "id": rid, "finish_reason": finish_reason, "usage": usage}
+    return {"type": "done", "id": rid, "finish_reason": finish_reason,
+            "usage": chunks.usage() if chunks is not None else usage([])}

@@ -42,6 +42,19 @@ def test_health_and_models(http, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(client):
+    messages = [{"role": "user", "content": "A prompt no other test sends, long enough to fill whole KV blocks."}]
+    first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+                     for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # whole 4-token blocks of the first request's prompt; the last prompt token is always computed
+    assert cached % 4 == 0 and first.usage.prompt_tokens - 4 <= cached < first.usage.prompt_tokens
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_chat_non_streaming_and_streaming_agree(client, server):
     full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
     choice = full.choices[0]
