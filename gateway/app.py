@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/chat/completions, /v1/completions, the
-WebSocket API at /v1/ws (gateway/ws.py), and the browser UI's static files at /.
+"""The OpenAI-compatible HTTP app: /health, /v1/models, /v1/chat/completions, /v1/completions, vLLM's
+/tokenize and /detokenize (gateway/tokenize.py), the WebSocket API at /v1/ws (gateway/ws.py), and the
+browser UI's static files at /.
 
 `build_app` never starts the engine; whoever owns the process (serve's lifespan, or a test) does. Whoever
 stops the server calls `Gateway.drain` first (gateway/serve.py does), so open streams end with a final event.
@@ -32,6 +33,7 @@ from gateway.formatting import Call, ChunkStream, Formatter, aborted, dumps, rai
 from gateway.merge import merge
 from gateway.metrics import Metrics
 from gateway.protocol import Body, GenerationRequest, parse_chat, parse_completion, parse_json
+from gateway.tokenize import tokenizer_routes
 from gateway.tokens import TokenText
 from gateway.ws import Session
 from grammar import GrammarError
@@ -54,7 +56,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         Route("/metrics", gw.metrics.endpoint, methods=["GET"]),
         Route("/v1/chat/completions", gw.chat, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
-        WebSocketRoute("/v1/ws", gw.websocket),
+        *tokenizer_routes(gw), WebSocketRoute("/v1/ws", gw.websocket),
     ]
     app = Starlette(routes=routes, exception_handlers=exception_handlers(), lifespan=lifespan)
     if web_dir is not None and (web_dir / "index.html").is_file():
@@ -101,12 +103,12 @@ class Gateway:
         return JSONResponse(self._card())
 
     async def chat(self, request: Request) -> Response:
-        body = await self._body(request)
+        body = await self.read_body(request)
         return await self._run(request, [self.parse_chat(body)], chat=True)
 
     async def completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        return await self._run(request, parse_completion(body, self._vocab_size()), chat=False)
+        body = await self.read_body(request)
+        return await self._run(request, parse_completion(body, self.vocab_size()), chat=False)
 
     async def websocket(self, websocket: WebSocket) -> None:
         await Session(self, websocket).run()
@@ -140,7 +142,7 @@ class Gateway:
             raise APIError(404, f"the model {model!r} does not exist", "model", "model_not_found")
 
     def parse_chat(self, body: Body) -> GenerationRequest:
-        return parse_chat(body, self.tokenizer, self._vocab_size())
+        return parse_chat(body, self.tokenizer, self.vocab_size())
 
     async def admit(self, req: GenerationRequest, chat: bool) -> Call:
         """Check the server can take the request now, and tokenize it: a Call ready to stream. The caller
@@ -182,7 +184,7 @@ class Gateway:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running")
 
-    async def _body(self, request: Request) -> dict:
+    async def read_body(self, request: Request) -> dict:
         self.authorize(request)
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
@@ -204,7 +206,7 @@ class Gateway:
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
 
-    def _vocab_size(self) -> int:
+    def vocab_size(self) -> int:
         return self.engine.engine.model_config.vocab_size
 
     async def _run(self, request: Request, reqs: list[GenerationRequest], chat: bool) -> Response:

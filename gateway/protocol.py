@@ -110,9 +110,30 @@ def _max_tokens(body: Body, key: str, default: int | None) -> int | None:
     return value
 
 
-def render_messages(tokenizer, messages: list[dict[str, str]]) -> str:
+def parse_tokenize(body: Body, tokenizer) -> tuple[str, bool]:
+    """vLLM's /tokenize body: the text (a `prompt`, or `messages` rendered as chat completions renders
+    them, `add_generation_prompt` true by default) and whether to add special tokens as generation does."""
+    if "messages" in body:
+        messages = _field(body, "messages", list)
+        if not messages:
+            raise bad_request("messages must be a non-empty list", "messages")
+        text = render_messages(tokenizer, [_message(m, i) for i, m in enumerate(messages)],
+                               _field(body, "add_generation_prompt", bool, True))
+    else:
+        text = _field(body, "prompt", str)
+    return text, _field(body, "add_special_tokens", bool, True)
+
+
+def parse_detokenize(body: Body, vocab_size: int) -> list[int]:
+    tokens = _field(body, "tokens", list)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+        raise bad_request(f"tokens must be a list of token ids in [0, {vocab_size})", "tokens")
+    return tokens
+
+
+def render_messages(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     try:
-        return render_chat(tokenizer, messages)
+        return render_chat(tokenizer, messages, add_generation_prompt)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception() is the client's mistake
