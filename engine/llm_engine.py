@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from engine.model import LlamaForCausalLM
 from engine.kv_cache import kv_cache_bytes_per_block
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
+from engine.platform import available_memory
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -81,7 +81,7 @@ class LLMEngine:
         per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, dtype)
         if isinstance(proposer, FeatureProposer):  # its cache has a block for each of the target's
             per_block += proposer.kv_cache_bytes_per_block(cfg.block_size, dtype)
-        budget = cfg.kv_cache_memory or int(_available_memory(cfg.device) * cfg.kv_cache_memory_fraction)
+        budget = cfg.kv_cache_memory or int(available_memory(cfg.device) * cfg.kv_cache_memory_fraction)
         if cfg.kv_cache_memory is None and torch.device(cfg.device).type == "cpu":
             budget = min(budget, _CPU_DEFAULT_KV_BYTES)
         # no point in more than every sequence at full length
@@ -231,17 +231,3 @@ def load_draft_model(config: EngineConfig, target: LoadedModel,
     if tokenizer is not None and load_tokenizer(draft.source).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the draft model {config.speculative_model!r} has another tokenizer than the target")
     return draft.model
-
-
-def _available_memory(device: str) -> int:
-    if torch.device(device).type == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from engine.config import QUANTIZATIONS, ModelConfig, check_device_name
 from engine.default_model import ModelSource, resolve_model
 from engine.model import LlamaForCausalLM
+from engine.platform import available_memory
 from kernels import attention_backend
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -56,9 +57,7 @@ def check_device(device: str, kv_cache_memory: int | None = None) -> None:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if kv_cache_memory:  # the pool is zeroed as it is allocated: too big is an OOM kill later, not an error
-        from engine.llm_engine import _available_memory
-
-        if kv_cache_memory > (free := _available_memory(device)):
+        if kv_cache_memory > (free := available_memory(device)):
             raise ValueError(f"a KV cache of {kv_cache_memory / (1 << 30):.1f}G (--kv-cache-memory) is more than "
                              f"the {free / (1 << 30):.1f}G of free memory on {device}")
 

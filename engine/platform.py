@@ -80,3 +80,18 @@ def release_openmp_workers() -> bool:
         return gomp.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
     except (OSError, AttributeError):
         return False
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for the KV cache on this device: a GPU's free memory, or the host's MemAvailable."""
+    if torch.device(device).type == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

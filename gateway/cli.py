@@ -160,7 +160,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     print("Chat with the model; an empty line or Ctrl-D ends, /reset clears the history.", file=sys.stderr)
     for turn in range(1 << 30):
         try:
-            line = input("> ").strip()
+            line = input("> " if sys.stdout.isatty() else "").strip()  # piped, stdout carries the replies alone
         except EOFError:
             break
         if not line:

@@ -31,6 +31,7 @@ def test_chat_keeps_history_and_ends_on_eof(tiny_llama_dir):
     res = _sluice("chat", "--model", str(tiny_llama_dir), "--max-tokens", "4", "--seed", "0", stdin="hello\nagain\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") >= 2  # one answer per turn
+    assert not res.stdout.startswith(">")  # piped, stdout holds the answers alone: no input prompt
 
 
 def test_bad_model_is_a_one_line_error():
