@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: /health, /v1/models, /v1/chat/completions, /v1/completions, vLLM's
-/tokenize and /detokenize (gateway/tokenize.py), the WebSocket API at /v1/ws (gateway/ws.py), and the
+/tokenize and /detokenize (gateway/tokenization.py), the WebSocket API at /v1/ws (gateway/ws.py), and the
 browser UI's static files at /.
 
 `build_app` never starts the engine; whoever owns the process (serve's lifespan, or a test) does. Whoever
@@ -33,7 +33,7 @@ from gateway.formatting import Call, ChunkStream, Formatter, aborted, dumps, rai
 from gateway.merge import merge
 from gateway.metrics import Metrics
 from gateway.protocol import Body, GenerationRequest, parse_chat, parse_completion, parse_json
-from gateway.tokenize import tokenizer_routes
+from gateway.tokenization import tokenizer_routes
 from gateway.tokens import TokenText
 from gateway.ws import Session
 from grammar import GrammarError
