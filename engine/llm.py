@@ -7,6 +7,7 @@ from typing import Sequence
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.platform import release_openmp_workers
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Message, render_chat
 
@@ -17,6 +18,10 @@ class LLM:
     def __init__(self, model: str = "smollm2", **engine_options):
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
+        # Loading left this thread an OpenMP worker pool; calls from another thread (a web framework's
+        # thread pool) would run beside it and every kernel would be slower (engine.platform). Each call
+        # lets its own go too.
+        release_openmp_workers()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -53,12 +58,15 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(order), desc="requests", unit="req")
-        while len(done) < len(order) and self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+        try:
+            while len(done) < len(order) and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            release_openmp_workers()
         if bar is not None:
             bar.close()
         missing = [r for r in order if r not in done]

@@ -34,3 +34,26 @@ def test_release_ends_the_calling_threads_idle_openmp_workers():
         pytest.skip("torch's OpenMP runtime here is not libgomp")
     assert counts["after"] == counts["with_pool"] - 1
     assert counts["again"] == counts["with_pool"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_offline_generate_leaves_its_thread_no_openmp_workers(tiny_llama_dir):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=32, block_size=4, quantization="none")
+    counts: dict[str, int] = {}
+
+    def handler() -> None:  # as a web framework's worker thread would call it
+        torch.set_num_threads(2)
+        counts["before"] = _threads()
+        torch.ones(1 << 22).mul_(2)  # this thread's parallel regions start a worker
+        counts["with_pool"] = _threads()
+        llm.generate("hello", SamplingParams(max_tokens=2))
+        counts["after"] = _threads()
+
+    worker = threading.Thread(target=handler)
+    worker.start()
+    worker.join()
+    if counts["with_pool"] == counts["before"] or not release_openmp_workers():
+        pytest.skip("no libgomp worker pool here")
+    assert counts["after"] == counts["before"]
