@@ -110,9 +110,18 @@ def _max_tokens(body: Body, key: str, default: int | None) -> int | None:
     return value
 
 
-def parse_tokenize(body: Body, tokenizer) -> tuple[str, bool]:
+@dataclass
+class TokenizeRequest:
     """vLLM's /tokenize body: the text (a `prompt`, or `messages` rendered as chat completions renders
-    them, `add_generation_prompt` true by default) and whether to add special tokens as generation does."""
+    them, `add_generation_prompt` true by default), whether to add special tokens as generation does, and
+    whether to return each token's text."""
+
+    text: str
+    add_special_tokens: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: Body, tokenizer) -> TokenizeRequest:
     if "messages" in body:
         messages = _field(body, "messages", list)
         if not messages:
@@ -121,12 +130,13 @@ def parse_tokenize(body: Body, tokenizer) -> tuple[str, bool]:
                                _field(body, "add_generation_prompt", bool, True))
     else:
         text = _field(body, "prompt", str)
-    return text, _field(body, "add_special_tokens", bool, True)
+    return TokenizeRequest(text, _field(body, "add_special_tokens", bool, True),
+                           _field(body, "return_token_strs", bool, False))
 
 
 def parse_detokenize(body: Body, vocab_size: int) -> list[int]:
     tokens = _field(body, "tokens", list)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+    if not _all_ints(tokens) or not all(0 <= t < vocab_size for t in tokens):
         raise bad_request(f"tokens must be a list of token ids in [0, {vocab_size})", "tokens")
     return tokens
 
@@ -238,11 +248,15 @@ def _prompt(prompt: str | list, vocab_size: int) -> str | list[int]:
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         return prompt
-    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if not prompt or not _all_ints(prompt):
         raise bad_request("prompt must be a string, a list of token ids, or a list of those", "prompt")
     if not all(0 <= t < vocab_size for t in prompt):
         raise bad_request(f"prompt token ids must be in [0, {vocab_size})", "prompt")
     return list(prompt)
+
+
+def _all_ints(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)  # JSON true is a Python int
 
 
 def _message(m: Any, i: int) -> dict[str, str]:

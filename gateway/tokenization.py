@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 def tokenizer_routes(gw: "Gateway") -> list[Route]:
     async def tokenize(request: Request) -> Response:
         body = await gw.read_body(request)
-        text, special = parse_tokenize(body, gw.tokenizer)
+        req = parse_tokenize(body, gw.tokenizer)
         # off the loop: a long text takes a while to encode
-        tokens = await asyncio.to_thread(_encode, gw.tokenizer, text, special)
-        strs = [gw.tokens.text(t) for t in tokens] if body.get("return_token_strs") is True else None
+        tokens = await asyncio.to_thread(_encode, gw.tokenizer, req.text, req.add_special_tokens)
+        strs = [gw.tokens.text(t) for t in tokens] if req.return_token_strs else None
         return JSONResponse({"count": len(tokens), "max_model_len": gw.engine.engine.max_model_len,
                              "tokens": tokens, "token_strs": strs})
 

@@ -55,6 +55,7 @@ def test_detokenize_reads_tokenize_back(http):
     ("/tokenize", {"messages": []}, "messages"),
     ("/tokenize", {"messages": [{"content": "no role"}]}, "messages[0]"),
     ("/tokenize", {"prompt": TEXT, "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": TEXT, "return_token_strs": 1}, "return_token_strs"),
     ("/detokenize", {"tokens": [1, 10 ** 9]}, "tokens"),
     ("/detokenize", {"tokens": [True]}, "tokens"),
     ("/detokenize", {"tokens": "1 2"}, "tokens"),
