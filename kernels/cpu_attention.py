@@ -76,6 +76,20 @@ static inline void add_weighted_rows(float *o, const float *p, const float *v, i
     }
 }
 
+/* Blocks sit anywhere in the pool, and the hardware prefetcher stops at page edges: the next block is
+   fetched a few lines at a time while this one is computed on (a burst of the whole block at once
+   crowded out the current block's own loads). */
+typedef struct { const char *next, *end; } prefetcher;
+
+static inline prefetcher prefetch_from(const float *block, int64_t floats) {
+    const prefetcher p = {(const char *)block, (const char *)(block + floats)};
+    return p;
+}
+
+static inline void prefetch_lines(prefetcher *p, int lines) {
+    for (int l = 0; l < lines && p->next < p->end; ++l, p->next += 64) __builtin_prefetch(p->next);
+}
+
 /* Causal attention of each request's new query rows over its cached context, read in place.
    q: [T, H, D] (row strides qs0, qs1; unit stride in D); request b owns rows qstart[b] .. + qlen[b] - 1,
    the last qlen[b] of its lens[b] positions; k, v: [NB, BS, KVH, D] contiguous; tables: [B, MB] int64;
@@ -87,6 +101,10 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
                          const int64_t *qlen, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
                          int64_t BS, float scale, int threads) {
     const int64_t G = H / KVH;
+    /* cache lines of the next block to prefetch per dot8 call (groups * H calls per block), and per head */
+    const int64_t block_lines = (BS * KVH * D * 4 + 63) / 64, groups = BS >= 8 ? BS / 8 : 1;
+    const int k_lines = (int)((block_lines + groups * H - 1) / (groups * H));
+    const int v_lines = (int)((block_lines + H - 1) / H);
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
         const int64_t S = lens[b], L = qlen[b], first = S - L;  /* query row i sits at position first + i */
@@ -94,6 +112,8 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *kb = k + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
+            prefetcher pf = prefetch_from(k + (s0 + BS < S ? tables[b * mb + s0 / BS + 1] : 0) * BS * KVH * D,
+                                          s0 + BS < S ? BS * KVH * D : 0);
             int64_t j = 0;
             if (D % 8 == 0)  /* groups of eight positions; a row may get scores past its last one: never read */
                 for (; j + 8 <= n; j += 8)
@@ -102,6 +122,7 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
                         float *si = sc + i * H * S + s0 + j;
                         for (int64_t h = 0; h < H; ++h) {
                             const v8f r = dot8(qi + h * qs1, kb + (j * KVH + h / G) * D, KVH * D, D) * scale;
+                            prefetch_lines(&pf, k_lines);
                             memcpy(si + h * S, &r, sizeof r);
                         }
                     }
@@ -115,9 +136,11 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
                 }
             }
         }
+        prefetcher first_v = prefetch_from(v + (S > 0 ? tables[b * mb] : 0) * BS * KVH * D, (S < BS ? S : BS) * KVH * D);
         for (int64_t i = 0; i < L; ++i) {
             const int64_t len = first + i + 1;
             for (int64_t h = 0; h < H; ++h) {
+                prefetch_lines(&first_v, v_lines);
                 const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
                 float *row = sc + (i * H + h) * S, mx = -INFINITY;
                 for (int64_t s = 0; s < len; ++s) mx = row[s] > mx ? row[s] : mx;
@@ -137,6 +160,8 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *vb = v + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
+            prefetcher pf = prefetch_from(v + (s0 + BS < S ? tables[b * mb + s0 / BS + 1] : 0) * BS * KVH * D,
+                                          s0 + BS < S ? BS * KVH * D : 0);
             for (int64_t i = s0 > first ? s0 - first : 0; i < L; ++i) {  /* the rows that see the block */
                 const int64_t seen = first + i + 1 - s0 < n ? first + i + 1 - s0 : n;
                 const float *si = sc + i * H * S + s0;
@@ -146,6 +171,7 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
                     float *o = oi + h * D;
                     if (D % 32 == 0) {
                         add_weighted_rows(o, si + h * S, vh, KVH * D, seen, D);
+                        prefetch_lines(&pf, v_lines);
                         continue;
                     }
                     for (int64_t j = 0; j < seen; ++j) {
