@@ -1,13 +1,15 @@
 """The model's linear layer and its CPU weight formats: oneDNN fp32, fbgemm fp16 weights, fbgemm int8.
 
-Measured here (2 cores, AVX2) over the default model's 120 projection matrices, ms per pass:
+Measured here (2 cores, AVX2) over the default model's 120 projection matrices, ms per pass, each
+through Linear.forward as the model calls it:
 
-    rows   plain fp32   oneDNN fp32   fbgemm fp16 weights   fbgemm int8 (per tensor)
-       1         29.5          23.2                  12.7           9.5
-      32        134.8          86.0                  64.8          51.9
-     512       1140           918                   812           526
+    rows   oneDNN fp32   fbgemm fp16 weights   int8 (fbgemm, with the outlier channels and row scales below)
+       1         23.3          11.0                  10.2
+      32         76.9          56.8                  45.0
+     512        770           850                   551
 
-The int8 kernel below adds fp32 outlier channels and per-token scales to fbgemm's call (perplexity
+(Plain fp32 `x @ W^T` took 29.5 / 134.8 / 1140 ms at the time the formats were chosen.)
+The int8 kernel adds fp32 outlier channels and per-token scales to fbgemm's call (perplexity
 on the quality-gate text 98 -> 37 against fp32's 36); that costs ~+2 ms at 1 row and ~+12 ms at 32,
 mostly the outliers' rank-k update (torch addmm, ~90 us for 32 rows of a 3072-wide output).
 """
