@@ -31,15 +31,27 @@ def _onednn(x: torch.Tensor, packed: object, bias: torch.Tensor | None) -> torch
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-# fbgemm's packed weights are TorchScript objects. Called from Python, an op taking one paid ~30 us
-# converting it (a C++ exception thrown and caught per call: 121 calls, ~3.5 ms of a 27 ms batch-1 step);
-# called from a scripted function, the same call costs ~9 us in all.
-@torch.jit.script
+def _scripted(fn: Callable) -> Callable:
+    """fn compiled by TorchScript, or fn itself where TorchScript cannot compile it (same results).
+
+    fbgemm's packed weights are TorchScript objects. An op taking one, called from Python, paid ~30 us
+    per call converting it (its profile is mostly C++ exception unwinding): 121 calls, ~3.8 ms of a
+    ~28 ms batch-1 step here. Called from a scripted function, the same call costs ~9 us in all."""
+    try:
+        with warnings.catch_warnings():
+            # torch marks TorchScript deprecated; where it is gone, the plain function runs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(fn)
+    except Exception:  # noqa: BLE001 - a speed-up only
+        return fn
+
+
+@_scripted
 def _fbgemm_fp16(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
 
-@torch.jit.script
+@_scripted
 def _fbgemm_int8(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x, packed, True)
 

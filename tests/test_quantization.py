@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine import linear
 from engine.linear import Linear
 from engine.loader import PASSES_QUALITY_GATE, load_model, resolve_quantization
 from tests.helpers import prompt_logits
@@ -82,6 +83,14 @@ def test_int8_scales_activations_per_token():
     for got, want in ((lin(x), ref), (lin(x[2:3]), ref[2:3])):  # a batch, and the one-row path
         errors = (got - want).norm(dim=1) / want.norm(dim=1)
         assert errors.max() < 0.03, errors
+
+
+def test_fbgemm_calls_go_through_torchscript():
+    # From Python each call of these ops paid ~30 us converting the packed weights (engine/linear.py)
+    assert isinstance(linear._fbgemm_fp16, torch.jit.ScriptFunction)
+    assert isinstance(linear._fbgemm_int8, torch.jit.ScriptFunction)
+    uncompilable = lambda x: x  # noqa: E731 - TorchScript needs a function's source; a lambda in a call has none
+    assert linear._scripted(uncompilable) is uncompilable  # falls back to the plain function
 
 
 def test_calibration_finds_an_injected_outlier_channel(tiny_llama_dir):
