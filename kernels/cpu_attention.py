@@ -86,6 +86,12 @@ static inline prefetcher prefetch_from(const float *block, int64_t floats) {
     return p;
 }
 
+/* the block after the one at position s0 of a request's table (rs floats per position), or nothing at the end */
+static inline prefetcher prefetch_next(const float *cache, const int64_t *table, int64_t s0, int64_t S, int64_t BS,
+                                       int64_t rs) {
+    return s0 + BS < S ? prefetch_from(cache + table[s0 / BS + 1] * BS * rs, BS * rs) : prefetch_from(cache, 0);
+}
+
 static inline void prefetch_lines(prefetcher *p, int lines) {
     for (int l = 0; l < lines && p->next < p->end; ++l, p->next += 64) __builtin_prefetch(p->next);
 }
@@ -112,8 +118,7 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *kb = k + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            prefetcher pf = prefetch_from(k + (s0 + BS < S ? tables[b * mb + s0 / BS + 1] : 0) * BS * KVH * D,
-                                          s0 + BS < S ? BS * KVH * D : 0);
+            prefetcher pf = prefetch_next(k, tables + b * mb, s0, S, BS, KVH * D);
             int64_t j = 0;
             if (D % 8 == 0)  /* groups of eight positions; a row may get scores past its last one: never read */
                 for (; j + 8 <= n; j += 8)
@@ -160,8 +165,7 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
         for (int64_t s0 = 0; s0 < S; s0 += BS) {
             const float *vb = v + tables[b * mb + s0 / BS] * BS * KVH * D;
             const int64_t n = S - s0 < BS ? S - s0 : BS;
-            prefetcher pf = prefetch_from(v + (s0 + BS < S ? tables[b * mb + s0 / BS + 1] : 0) * BS * KVH * D,
-                                          s0 + BS < S ? BS * KVH * D : 0);
+            prefetcher pf = prefetch_next(v, tables + b * mb, s0, S, BS, KVH * D);
             for (int64_t i = s0 > first ? s0 - first : 0; i < L; ++i) {  /* the rows that see the block */
                 const int64_t seen = first + i + 1 - s0 < n ? first + i + 1 - s0 : n;
                 const float *si = sc + i * H * S + s0;
