@@ -5,7 +5,11 @@
 Sluice runs every request concurrently (continuous batching); transformers runs them one at a
 time (on the first --hf-single requests, to keep the run short) and in static, padded batches of 16,
 each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, int8).
-Output tokens/s counts only the tokens each request asked for.
+Output tokens/s counts only the tokens each request asked for. KV waste: allocated KV slots not
+assigned to a token of their sequence, over all allocated slots, summed over steps (what the PagedAttention
+paper counts: the unused tail of each request's last block). A line below gives the stricter count, where
+the slot of a just-sampled token is empty until the next step writes its KV, beside the least that whole
+blocks could waste on the same lengths.
 """
 from __future__ import annotations
 
@@ -64,23 +68,23 @@ def run_sluice(engine: LLMEngine, jobs: list[Job]) -> dict:
     tokens = sum(j.max_tokens for j in jobs)
     ttft = [first[str(i)] - start for i in range(len(jobs))]
     tpot = [(done[str(i)] - first[str(i)]) / max(1, j.max_tokens - 1) for i, j in enumerate(jobs)]
-    # KV waste weighted by memory: all allocated slot-steps that held no token, over all allocated slot-steps
-    held, slots = sum(h for h, _, _ in waste), sum(s for _, s, _ in waste)
-    assigned = sum(a for _, _, a in waste)
-    return dict(tok_s=tokens / total, seconds=total, ttft=ttft, tpot=tpot, held=held, slots=slots,
-                assigned=assigned, bookkeeping=bookkeeping)
+    # KV waste weighted by memory and time: slot counts summed over steps
+    sums = {key: sum(w[key] for w in waste) for key in waste[0]}
+    return dict(tok_s=tokens / total, seconds=total, ttft=ttft, tpot=tpot, bookkeeping=bookkeeping, **sums)
 
 
-def _kv_slots(engine: LLMEngine) -> tuple[int, int, int]:
-    """(slots holding a token's KV, slots allocated, slots assigned to a token) over the running requests
-    after a step. Allocated minus held is the partial last block of each request (and any reserved
-    lookahead); assigned also counts the slot of each request's sampled token, whose KV the next step
-    writes."""
+def _kv_slots(engine: LLMEngine) -> dict[str, int]:
+    """Slot counts over the running requests after a step: `slots` allocated; `assigned` to a token of
+    the sequence (as the PagedAttention paper counts waste: the unused tail of each last block), which
+    includes the slot of each request's sampled token, whose KV the next step writes; `held` a written
+    KV; `fewest`, the slots whole 16-token (block-size) blocks need for the written KV alone, the least
+    any paged allocator could hold after this step."""
     bm, running = engine.block_manager, engine.scheduler.running
     held = sum(r.num_computed_tokens for r in running)
     per_request = [len(bm.tables[r.request_id]) * bm.block_size for r in running]
     assigned = sum(min(r.num_tokens, n) for r, n in zip(running, per_request))
-    return held, sum(per_request), assigned
+    fewest = sum(-(-r.num_computed_tokens // bm.block_size) * bm.block_size for r in running)
+    return dict(held=held, slots=sum(per_request), assigned=assigned, fewest=fewest)
 
 
 def _format(quantization: str) -> str:
@@ -95,11 +99,11 @@ def row(name: str, r: dict, runs: list[dict]) -> list:
     """Speed and latency from the fastest round; KV waste over all rounds (it depends on the workload,
     which changes from round to round, not on speed)."""
     return [name, r["tok_s"], pct(r["ttft"], .5), pct(r["ttft"], .99), 1e3 * pct(r["tpot"], .5),
-            1e3 * pct(r["tpot"], .99), waste_pct(runs, "held")]
+            1e3 * pct(r["tpot"], .99), waste_pct(runs, "assigned")]
 
 
-def waste_pct(runs: list[dict], used: str) -> float:
-    slots = sum(x["slots"] for x in runs)
+def waste_pct(runs: list[dict], used: str, allocated: str = "slots") -> float:
+    slots = sum(x[allocated] for x in runs)
     return 100.0 * (slots - sum(x[used] for x in runs)) / slots
 
 
@@ -164,8 +168,9 @@ def main() -> None:
     book = statistics.median((a["bookkeeping"] - b["bookkeeping"]) / b["seconds"] for a, b in zip(ons, offs))
     ratios = [f"prefix caching cost when nothing hits: {100 * paired:+.1f}% end to end (median of "
               f"{len(ons)} paired rounds), {100 * book:+.2f}% in scheduler/block-manager time",
-              f"KV waste counting the slot of each request's sampled token (KV written next step) as used: "
-              f"{waste_pct(ons, 'assigned'):.2f}% (caching on), {waste_pct(offs, 'assigned'):.2f}% (off)"]
+              f"KV waste counting the slot of each request's sampled token as empty until the next step writes "
+              f"its KV: {waste_pct(ons, 'held'):.2f}% (caching on), {waste_pct(offs, 'held'):.2f}% (off); the least "
+              f"whole blocks could waste on it: {waste_pct(ons, 'held', 'fewest'):.2f}%"]
     for quantization in args.also if args.device == "cpu" else []:
         other = engine(True, quantization)
         run_sluice(other, warm)
