@@ -35,9 +35,19 @@ def eos_token_ids(tokenizer, source: ModelSource, hf_config: dict) -> set[int]:
 
 
 def render_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError("this model's tokenizer has no chat template; use a plain completion prompt")
+    if not isinstance(template, str) or "developer" not in template:
+        messages = [_developer_as_system(m) for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _developer_as_system(message: Message) -> Message:
+    """OpenAI's `developer` role is its newer name for the system prompt. A template that never mentions it
+    would render it as an unknown role the model was not trained on (or reject it), so it becomes `system`,
+    as llama.cpp's server does."""
+    return {**message, "role": "system"} if message.get("role") == "developer" else message
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -67,6 +67,22 @@ def test_chat_applies_the_template(llm):
     assert tok.decode(out.prompt_token_ids).endswith("<|im_start|>assistant\n")
 
 
+def test_developer_messages_render_as_system_unless_the_template_knows_them(llm):
+    from engine.tokenizer import render_chat
+
+    tok = llm.get_tokenizer()
+    chat = [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    as_system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    assert render_chat(tok, chat) == render_chat(tok, as_system)
+    assert "developer" not in render_chat(tok, chat)
+    template = tok.chat_template
+    try:  # a template that handles the role itself gets it as sent
+        tok.chat_template = "{# developer #}" + template
+        assert "<|im_start|>developer" in render_chat(tok, chat)
+    finally:
+        tok.chat_template = template
+
+
 def test_logprobs_come_with_alternatives(llm):
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True))[0]
     lps = out.outputs[0].logprobs
