@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import time
+from functools import cache
+from pathlib import Path
+
+import torch
 
 from engine.tokenizer import render_chat
 
@@ -19,10 +23,22 @@ def chat_prompt(tokenizer, text: str) -> str:
     return render_chat(tokenizer, [{"role": "user", "content": text}])
 
 
+@cache
+def machine() -> str:
+    """The CPU the figures came from. Library kernels pick their path by vector width (throughput.py's fp32
+    row read 241 tok/s on an AVX-512 box against ~130 on the AVX2 ones), so only ratios measured in one run
+    compare across machines."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    name = names[0] if names else "unknown CPU"
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
+    print(f"\n{title}\nmachine: {machine()}")
     for i, r in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if i == 0:
