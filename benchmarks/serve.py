@@ -85,7 +85,9 @@ async def run(args) -> tuple[list[Result], float]:
     # aiohttp, as vLLM's benchmark uses: on a 2-core box the load generator shares the CPU with the server,
     # and httpx spent ~3x the server's event-loop time per streamed token (its per-chunk Python layers).
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    connector = aiohttp.TCPConnector(limit=max(args.concurrency, 1) + 8)
+    # A connection per request: llama.cpp's server closes idle keep-alive connections after a few seconds,
+    # and a request written to one it has just closed fails ("Can not write request body").
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency, 1) + 8, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(args.url, headers=headers, connector=connector, timeout=timeout) as session:
         return await drive(args, lambda p: one_request(session, args, p))
