@@ -2,6 +2,8 @@
 
     python benchmarks/decode.py [--model smollm2] [--tokens 128] [--prompts 3] [--rounds 3]
 
+The q4_1 row needs a model stored as Q4_1 GGUF (the default model is).
+
 Decode tokens/s excludes the prompt: (new tokens - 1) / (time to all tokens - time to the first).
 """
 from __future__ import annotations
@@ -61,10 +63,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per format (best kept)")
     args = ap.parse_args()
-    # All three formats loaded at once and timed in interleaved rounds, best kept: the machine is shared
+    # All formats loaded at once and timed in interleaved rounds, best kept: the machine is shared
     # and noisy, and a slow minute must not land on one format only.
     llms = {}
-    for quantization in ("none", "fp16", "int8"):
+    for quantization in ("none", "fp16", "q4_1", "int8"):
         # no prefix caching: the timed runs repeat prompts, and both must pay the same prefill
         llms[quantization] = LLM(args.model, max_num_seqs=8, kv_cache_memory=256 << 20,
                                  enable_prefix_caching=False, quantization=quantization)
@@ -77,13 +79,14 @@ def main() -> None:
     folder = str(llms["none"].engine.loaded.source.path)
     del llms
     hf = bench_hf(folder, tokenizer, prompts, args.tokens)
-    fp32, fp16, int8 = results["none"], results["fp16"], results["int8"]
+    fp32, fp16, q4_1, int8 = results["none"], results["fp16"], results["q4_1"], results["int8"]
     print_table(f"batch-1 greedy decode, {args.tokens} tokens x {len(prompts)} prompts, "
                 f"{torch.get_num_threads()} threads",
                 ["engine", "decode tok/s", "vs transformers", "vs sluice fp32"],
                 [["transformers generate (fp32)", hf, 1.0, hf / fp32],
                  ["sluice fp32 (exact)", fp32, fp32 / hf, 1.0],
-                 ["sluice fp16 weights (CPU default)", fp16, fp16 / hf, fp16 / fp32],
+                 ["sluice fp16 weights", fp16, fp16 / hf, fp16 / fp32],
+                 ["sluice q4_1 (CPU default for Q4_1 GGUFs)", q4_1, q4_1 / hf, q4_1 / fp32],
                  ["sluice int8 (fails quality gate)", int8, int8 / hf, int8 / fp32]])
 
 

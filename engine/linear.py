@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels import cpu_ops
+from kernels import cpu_ops, cpu_quant
 
 Kernel = Callable[[torch.Tensor, object, torch.Tensor | None], torch.Tensor]
 
@@ -85,6 +85,21 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
     return y if bias is None else y.add_(bias)
 
 
+@dataclass
+class Q41Weights:
+    """A GGUF checkpoint's own Q4_1 blocks (kernels/cpu_quant.py) for calls of up to four rows, and
+    fbgemm's fp16 packing of the same weights for larger ones, where the GEMM is compute-bound."""
+    blocks: torch.Tensor  # [out, in / 32 * 20] uint8
+    fp16: object
+
+
+def _q4_1(x: torch.Tensor, w: Q41Weights, bias: torch.Tensor | None) -> torch.Tensor:
+    if not cpu_quant.supports(x):
+        return _fbgemm_fp16(x, w.fp16)  # bias is packed in
+    y = cpu_quant.q4_1_linear(x, w.blocks)
+    return y if bias is None else y.add_(bias)
+
+
 class Linear(nn.Module):
     """y = x W^T + b. W is stored transposed, [in, out], until a `pack_*` call moves it into a
     library's packed format (and drops the plain copy).
@@ -123,6 +138,15 @@ class Linear(nn.Module):
         """fp16 weights, fp32 activations and accumulation (fbgemm): relative error ~2e-4."""
         self._set(torch.ops.quantized.linear_prepack_fp16(self._weight(), self._bias()), _fp16)
 
+    def pack_q4_1(self, blocks: torch.Tensor) -> None:
+        """Keeps the checkpoint's Q4_1 `blocks` [out, in / 32 * 20] uint8 (which must hold exactly this
+        layer's weights) for few-row calls, with an fp16 packing for the rest."""
+        weight = self._weight()
+        if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize_q4_1(blocks), weight):
+            raise ValueError("the Q4_1 blocks do not hold this layer's weights")
+        fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
+        self._set(Q41Weights(blocks.contiguous(), fp16), _q4_1)
+
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:
         """Symmetric per-output-channel int8 weights, activations quantized per token at run time;
         the input channels in `outliers` (found by calibration, see engine/calibration.py) stay fp32."""
@@ -142,4 +166,5 @@ class Linear(nn.Module):
         self._set(Int8Weights(packed, outliers, inlier_mask, outlier_weight_t), _int8)
 
 
-PACKERS = {"none": Linear.pack_fp32, "fp16": Linear.pack_fp16, "int8": Linear.pack_int8}
+# q4_1's layers without checkpoint blocks (the LM head, from a Q8_0 embedding; an EAGLE head) are fp16
+PACKERS = {"none": Linear.pack_fp32, "fp16": Linear.pack_fp16, "int8": Linear.pack_int8, "q4_1": Linear.pack_fp16}

@@ -71,8 +71,9 @@ def check_device(device: str, kv_cache_memory: int | None = None) -> None:
 # quantizing activations (7-bit as fbgemm on AVX2, or 8-bit) drops that to 4-6 of 20, and neither
 # GPTQ weights (2.8x lower layer output error) nor SmoothQuant scaling (alpha 0.5 / 0.8) lifts it past
 # 7: the fp32 answers have top-2 logit margins as small as 0.007 (5 of 20 prompts under 0.06).
-PASSES_QUALITY_GATE = {"fp16": True, "int8": False}
-_FASTEST_FIRST = ("int8", "fp16")
+PASSES_QUALITY_GATE = {"fp16": True, "int8": False, "q4_1": True}
+# q4_1 is fp16 with one- to four-row calls read from the checkpoint's Q4_1 blocks (models stored that way)
+_FASTEST_FIRST = ("int8", "q4_1", "fp16")
 
 
 def resolve_quantization(quantization: str, device: str, dtype: torch.dtype = torch.float32) -> str:
@@ -97,9 +98,14 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto",
     check_device(device)
     source = resolve_model(name_or_path)
     model, hf_config = build_model(source, device, dtype)
-    quantization = resolve_quantization(quantization, device, next(model.parameters()).dtype)
+    asked, quantization = quantization, resolve_quantization(quantization, device, next(model.parameters()).dtype)
     outliers = _calibrate(model, source) if quantization == "int8" else None
-    model.pack_linears(quantization, progress=quantization != "none", outliers=outliers)
+    blocks = _q4_1_blocks(model, source) if quantization == "q4_1" else None
+    if quantization == "q4_1" and not blocks:
+        if asked != "auto":
+            raise ValueError("q4_1 computes from a GGUF's Q4_1 blocks, and this model has none: use fp16")
+        quantization = "fp16"
+    model.pack_linears(quantization, progress=quantization != "none", outliers=outliers, blocks=blocks)
     model.eval().requires_grad_(False)
     return LoadedModel(model, model.config, hf_config, source, time.perf_counter() - start, quantization)
 
@@ -130,6 +136,40 @@ def _calibrate(model: LlamaForCausalLM, source: ModelSource) -> dict:
     else:
         text = "\n".join(turn["content"] for turn in CALIBRATION_CHAT)
     return outlier_channels(model, encode_prompt(tokenizer, text))
+
+
+def _q4_1_blocks(model: LlamaForCausalLM, source: ModelSource) -> dict:
+    """Per fused projection, its weights as the source GGUF's Q4_1 blocks (rows stacked as the fusion
+    stacks them); empty when the model did not come from a GGUF or its projections are not Q4_1."""
+    from engine.gguf_loader import read_q4_1_blocks
+
+    gguf = _source_gguf(source)
+    found = read_q4_1_blocks(gguf) if gguf is not None else {}
+    blocks = {}
+    for i, layer in enumerate(model.layers):
+        fused = {layer.self_attn.qkv_proj: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 layer.self_attn.o_proj: ("self_attn.o_proj",),
+                 layer.mlp.gate_up_proj: ("mlp.gate_proj", "mlp.up_proj"), layer.mlp.down_proj: ("mlp.down_proj",)}
+        for module, names in fused.items():
+            parts = [found.get(f"model.layers.{i}.{name}.weight") for name in names]
+            if all(p is not None for p in parts):
+                blocks[module] = torch.cat(parts)
+    return blocks
+
+
+def _source_gguf(source: ModelSource) -> Path | None:
+    """The GGUF a model came from: itself, or the verified file a converted folder was made from."""
+    from engine.default_model import sluice_home
+    from engine.gguf_loader import CONVERTED_MARKER, converted_sha256, file_sha256
+
+    if source.kind == "gguf":
+        return source.path
+    sha = converted_sha256(source.path)
+    if sha is None:
+        return None
+    name = json.loads((source.path / CONVERTED_MARKER).read_text()).get("source", "")
+    gguf = sluice_home() / "gguf" / Path(name).name
+    return gguf if name and gguf.is_file() and file_sha256(gguf) == sha else None
 
 
 def _read_source(source: ModelSource) -> tuple[dict, Iterable[tuple[str, torch.Tensor]]]:
