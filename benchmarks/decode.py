@@ -2,7 +2,7 @@
 
     python benchmarks/decode.py [--model smollm2] [--tokens 128] [--prompts 3] [--rounds 3]
 
-The q4_1 row needs a model stored as Q4_1 GGUF (the default model is).
+The gguf row needs a model stored as a Q4_1 / Q8_0 GGUF (the default model is).
 
 Decode tokens/s excludes the prompt: (new tokens - 1) / (time to all tokens - time to the first).
 """
@@ -66,7 +66,7 @@ def main() -> None:
     # All formats loaded at once and timed in interleaved rounds, best kept: the machine is shared
     # and noisy, and a slow minute must not land on one format only.
     llms = {}
-    for quantization in ("none", "fp16", "q4_1", "int8"):
+    for quantization in ("none", "fp16", "gguf", "int8"):
         # no prefix caching: the timed runs repeat prompts, and both must pay the same prefill
         llms[quantization] = LLM(args.model, max_num_seqs=8, kv_cache_memory=256 << 20,
                                  enable_prefix_caching=False, quantization=quantization)
@@ -79,14 +79,14 @@ def main() -> None:
     folder = str(llms["none"].engine.loaded.source.path)
     del llms
     hf = bench_hf(folder, tokenizer, prompts, args.tokens)
-    fp32, fp16, q4_1, int8 = results["none"], results["fp16"], results["q4_1"], results["int8"]
+    fp32, fp16, gguf, int8 = results["none"], results["fp16"], results["gguf"], results["int8"]
     print_table(f"batch-1 greedy decode, {args.tokens} tokens x {len(prompts)} prompts, "
                 f"{torch.get_num_threads()} threads",
                 ["engine", "decode tok/s", "vs transformers", "vs sluice fp32"],
                 [["transformers generate (fp32)", hf, 1.0, hf / fp32],
                  ["sluice fp32 (exact)", fp32, fp32 / hf, 1.0],
                  ["sluice fp16 weights", fp16, fp16 / hf, fp16 / fp32],
-                 ["sluice q4_1 (CPU default for Q4_1 GGUFs)", q4_1, q4_1 / hf, q4_1 / fp32],
+                 ["sluice gguf blocks (CPU default for GGUFs)", gguf, gguf / hf, gguf / fp32],
                  ["sluice int8 (fails quality gate)", int8, int8 / hf, int8 / fp32]])
 
 

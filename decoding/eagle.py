@@ -267,7 +267,7 @@ def read_eagle_metadata(path: str | Path) -> dict[str, str]:
 def load_eagle(path: str | Path, target_model: LlamaForCausalLM, quantization: str | None = None) -> EagleHead:
     """A head for `target_model` from a checkpoint written by `save_eagle`, in the target's dtype and device.
 
-    quantization: the target's resolved CPU weight format ("none", "fp16", "int8", "q4_1"; LoadedModel.quantization)
+    quantization: the target's resolved CPU weight format ("none", "fp16", "int8", "gguf"; LoadedModel.quantization)
     to pack the head's projections into as well; None keeps plain weights (training, tests).
     """
     from safetensors.torch import load_file

@@ -85,7 +85,7 @@ class EngineConfig:
     model: str = "smollm2"
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU, the checkpoint's dtype on CUDA
-    quantization: str = "auto"  # "none" (exact), "fp16", "int8", "q4_1"; auto: fastest gated CPU format
+    quantization: str = "auto"  # "none" (exact), "fp16", "int8", "gguf"; auto: fastest gated CPU format
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when given
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
@@ -134,7 +134,7 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
-QUANTIZATIONS = ("auto", "none", "fp16", "int8", "q4_1")
+QUANTIZATIONS = ("auto", "none", "fp16", "int8", "gguf")
 SPECULATIVE_METHODS = ("none", "ngram", "eagle", "draft")
 GRAMMAR_BACKENDS = ("llguidance", "outlines")
 DEVICE_TYPES = ("cpu", "cuda")

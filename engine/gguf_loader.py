@@ -63,23 +63,24 @@ def read_gguf(path: str | Path, progress: bool = False) -> tuple[dict[str, Any],
     return config, state
 
 
-def read_q4_1_blocks(path: str | Path) -> dict[str, torch.Tensor]:
-    """The Q4_1 weights of a GGUF as stored, in HF names and row order: uint8 [out, in / 32 * 20], rows of
-    ggml's block_q4_1 (see kernels/cpu_quant.py). Rows are whole blocks, so llama's q/k row un-permute
-    applies to them as to the dequantized weights."""
+def read_gguf_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """The Q4_1 and Q8_0 weights of a GGUF as stored, in HF names and row order: (kind, uint8 [out,
+    in / 32 * block bytes]), rows of ggml blocks (see kernels/cpu_quant.py). Rows are whole blocks, so
+    llama's q/k row un-permute applies to them as to the dequantized weights."""
     reader = _open(path)
     arch = _architecture(reader)
     config = _hf_config(reader, arch, {t.name: t for t in reader.tensors})
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    blocks: dict[str, torch.Tensor] = {}
+    kinds = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     for tensor in reader.tensors:
-        if tensor.tensor_type != GGMLQuantizationType.Q4_1:
+        if tensor.tensor_type not in kinds:
             continue
         rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # [out, in / 32 * 20]
         kind = tensor.name.split(".")[-2]
         if arch in _PERMUTED_ARCHS and kind in heads:
             rows = _unpermute_rows(rows, heads[kind])
-        blocks[_hf_name(tensor.name)] = rows.contiguous()
+        blocks[_hf_name(tensor.name)] = (kinds[tensor.tensor_type], rows.contiguous())
     return blocks
 
 

@@ -86,17 +86,18 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 
 @dataclass
-class Q41Weights:
-    """A GGUF checkpoint's own Q4_1 blocks (kernels/cpu_quant.py) for calls of up to four rows, and
+class GGUFWeights:
+    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of up to four rows, and
     fbgemm's fp16 packing of the same weights for larger ones, where the GEMM is compute-bound."""
-    blocks: torch.Tensor  # [out, in / 32 * 20] uint8
+    kind: str  # "q4_1" or "q8_0"
+    blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8
     fp16: object
 
 
-def _q4_1(x: torch.Tensor, w: Q41Weights, bias: torch.Tensor | None) -> torch.Tensor:
-    if not cpu_quant.supports(x):
+def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    if not cpu_quant.supports(x, w.kind):
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
-    y = cpu_quant.q4_1_linear(x, w.blocks)
+    y = cpu_quant.block_linear(x, w.blocks, w.kind)
     return y if bias is None else y.add_(bias)
 
 
@@ -138,14 +139,14 @@ class Linear(nn.Module):
         """fp16 weights, fp32 activations and accumulation (fbgemm): relative error ~2e-4."""
         self._set(torch.ops.quantized.linear_prepack_fp16(self._weight(), self._bias()), _fp16)
 
-    def pack_q4_1(self, blocks: torch.Tensor) -> None:
-        """Keeps the checkpoint's Q4_1 `blocks` [out, in / 32 * 20] uint8 (which must hold exactly this
-        layer's weights) for few-row calls, with an fp16 packing for the rest."""
+    def pack_gguf(self, kind: str, blocks: torch.Tensor) -> None:
+        """Keeps the checkpoint's `blocks` of `kind` ("q4_1", "q8_0"; uint8 [out, in / 32 * block bytes],
+        which must hold exactly this layer's weights) for few-row calls, with an fp16 packing for the rest."""
         weight = self._weight()
-        if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize_q4_1(blocks), weight):
-            raise ValueError("the Q4_1 blocks do not hold this layer's weights")
+        if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
+            raise ValueError(f"the {kind} blocks do not hold this layer's weights")
         fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
-        self._set(Q41Weights(blocks.contiguous(), fp16), _q4_1)
+        self._set(GGUFWeights(kind, blocks.contiguous(), fp16), _gguf)
 
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:
         """Symmetric per-output-channel int8 weights, activations quantized per token at run time;
@@ -166,5 +167,5 @@ class Linear(nn.Module):
         self._set(Int8Weights(packed, outliers, inlier_mask, outlier_weight_t), _int8)
 
 
-# q4_1's layers without checkpoint blocks (the LM head, from a Q8_0 embedding; an EAGLE head) are fp16
-PACKERS = {"none": Linear.pack_fp32, "fp16": Linear.pack_fp16, "int8": Linear.pack_int8, "q4_1": Linear.pack_fp16}
+# gguf's layers without checkpoint blocks (an EAGLE head, a layer the GGUF keeps in fp16) are fp16
+PACKERS = {"none": Linear.pack_fp32, "fp16": Linear.pack_fp16, "int8": Linear.pack_int8, "gguf": Linear.pack_fp16}

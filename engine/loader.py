@@ -71,9 +71,9 @@ def check_device(device: str, kv_cache_memory: int | None = None) -> None:
 # quantizing activations (7-bit as fbgemm on AVX2, or 8-bit) drops that to 4-6 of 20, and neither
 # GPTQ weights (2.8x lower layer output error) nor SmoothQuant scaling (alpha 0.5 / 0.8) lifts it past
 # 7: the fp32 answers have top-2 logit margins as small as 0.007 (5 of 20 prompts under 0.06).
-PASSES_QUALITY_GATE = {"fp16": True, "int8": False, "q4_1": True}
-# q4_1 is fp16 with one- to four-row calls read from the checkpoint's Q4_1 blocks (models stored that way)
-_FASTEST_FIRST = ("int8", "q4_1", "fp16")
+PASSES_QUALITY_GATE = {"fp16": True, "int8": False, "gguf": True}
+# gguf is fp16 with one- to four-row calls read from a GGUF checkpoint's own blocks (models stored that way)
+_FASTEST_FIRST = ("int8", "gguf", "fp16")
 
 
 def resolve_quantization(quantization: str, device: str, dtype: torch.dtype = torch.float32) -> str:
@@ -100,10 +100,10 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto",
     model, hf_config = build_model(source, device, dtype)
     asked, quantization = quantization, resolve_quantization(quantization, device, next(model.parameters()).dtype)
     outliers = _calibrate(model, source) if quantization == "int8" else None
-    blocks = _q4_1_blocks(model, source) if quantization == "q4_1" else None
-    if quantization == "q4_1" and not blocks:
+    blocks = _gguf_blocks(model, source) if quantization == "gguf" else None
+    if quantization == "gguf" and not blocks:
         if asked != "auto":
-            raise ValueError("q4_1 computes from a GGUF's Q4_1 blocks, and this model has none: use fp16")
+            raise ValueError("gguf computes from a GGUF's Q4_1 / Q8_0 blocks, and this model has none: use fp16")
         quantization = "fp16"
     model.pack_linears(quantization, progress=quantization != "none", outliers=outliers, blocks=blocks)
     model.eval().requires_grad_(False)
@@ -138,22 +138,24 @@ def _calibrate(model: LlamaForCausalLM, source: ModelSource) -> dict:
     return outlier_channels(model, encode_prompt(tokenizer, text))
 
 
-def _q4_1_blocks(model: LlamaForCausalLM, source: ModelSource) -> dict:
-    """Per fused projection, its weights as the source GGUF's Q4_1 blocks (rows stacked as the fusion
-    stacks them); empty when the model did not come from a GGUF or its projections are not Q4_1."""
-    from engine.gguf_loader import read_q4_1_blocks
+def _gguf_blocks(model: LlamaForCausalLM, source: ModelSource) -> dict:
+    """Per linear layer, (kind, its weights as the source GGUF's blocks), fused rows stacked as the fusion
+    stacks them; empty when the model did not come from a GGUF or holds no Q4_1 / Q8_0 weights."""
+    from engine.gguf_loader import read_gguf_blocks
 
     gguf = _source_gguf(source)
-    found = read_q4_1_blocks(gguf) if gguf is not None else {}
-    blocks = {}
+    found = read_gguf_blocks(gguf) if gguf is not None else {}
+    head = found.get("lm_head.weight") or (found.get("model.embed_tokens.weight")
+                                           if model.config.tie_word_embeddings else None)
+    blocks = {model.lm_head: head} if head is not None else {}
     for i, layer in enumerate(model.layers):
         fused = {layer.self_attn.qkv_proj: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                  layer.self_attn.o_proj: ("self_attn.o_proj",),
                  layer.mlp.gate_up_proj: ("mlp.gate_proj", "mlp.up_proj"), layer.mlp.down_proj: ("mlp.down_proj",)}
         for module, names in fused.items():
             parts = [found.get(f"model.layers.{i}.{name}.weight") for name in names]
-            if all(p is not None for p in parts):
-                blocks[module] = torch.cat(parts)
+            if all(p is not None for p in parts) and len({kind for kind, _ in parts}) == 1:
+                blocks[module] = (parts[0][0], torch.cat([rows for _, rows in parts]))
     return blocks
 
 

@@ -96,12 +96,12 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_linears(self, quantization: str, progress: bool = False,
                      outliers: dict[Linear, torch.Tensor] | None = None,
-                     blocks: dict[Linear, torch.Tensor] | None = None) -> None:
+                     blocks: dict[Linear, tuple[str, torch.Tensor]] | None = None) -> None:
         """Move every projection and the LM head into a CPU library format (see engine/linear.py).
 
         "none" keeps fp32 (oneDNN-packed where available); embeddings, norms and the KV cache
         always stay in the model dtype. `outliers`: int8's fp32 input channels per layer;
-        `blocks`: q4_1's checkpoint blocks per layer.
+        `blocks`: gguf's (kind, checkpoint blocks) per layer.
         """
         from tqdm import tqdm
 
@@ -117,8 +117,8 @@ class LlamaForCausalLM(nn.Module):
         for module in tqdm(linears, desc=desc, unit="layer", disable=not progress, leave=False):
             if quantization == "int8":
                 module.pack_int8((outliers or {}).get(module))
-            elif quantization == "q4_1" and module in (blocks or {}):
-                module.pack_q4_1(blocks[module])
+            elif quantization == "gguf" and module in (blocks or {}):
+                module.pack_gguf(*blocks[module])
             else:
                 PACKERS[quantization](module)
 

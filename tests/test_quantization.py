@@ -143,7 +143,7 @@ def _gate(fmt: str) -> tuple[float, float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "q4_1"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "gguf"])
 def test_quality_gate(fmt):
     agree, ppl_fp32, ppl_fast = _gate(fmt)
     passes = agree >= 0.8 and ppl_fast <= 1.03 * ppl_fp32
@@ -152,5 +152,5 @@ def test_quality_gate(fmt):
 
 
 def test_auto_picks_the_fastest_format_that_passes_the_gate():
-    expected = next((q for q in ("int8", "q4_1", "fp16") if PASSES_QUALITY_GATE[q]), "none")
+    expected = next((q for q in ("int8", "gguf", "fp16") if PASSES_QUALITY_GATE[q]), "none")
     assert resolve_quantization("auto", "cpu") == expected
