@@ -28,6 +28,20 @@ MAX_ROWS = {"q4_1": 4, "q8_0": 2}
 _SOURCE = cpu_build.PRELUDE + r"""
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+/* sum over the block's 32 lanes of q * x: q0..q3 its codes widened to fp32, xb the input's 32 values */
+static inline __m256 dot_block(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *xb) {
+    __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
+    t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), t);
+    t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
+    return _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
 #endif
 
 typedef struct { _Float16 d, m; uint8_t qs[16]; } block_q4_1;  /* codes 0-15 low nibbles, 16-31 high */
@@ -59,20 +73,11 @@ void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, i
             const __m256 d = _mm256_set1_ps((float)row[b].d);
             const float m = (float)row[b].m;
             for (int64_t r = 0; r < M; ++r) {
-                const float *xb = x + r * K + b * 32;
-                __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
-                t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), t);
-                t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
-                t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
-                acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
+                acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
                 out[r] += m * sx[r * nb + b];
             }
         }
-        for (int64_t r = 0; r < M; ++r) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            s = _mm_hadd_ps(s, s);
-            out[r] += _mm_cvtss_f32(_mm_hadd_ps(s, s));
-        }
+        for (int64_t r = 0; r < M; ++r) out[r] += hsum8(acc[r]);
 #else
         for (int64_t b = 0; b < nb; ++b) {
             const float d = (float)row[b].d, m = (float)row[b].m;
@@ -109,20 +114,10 @@ void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, i
             const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c1));
             const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c1, 8)));
             const __m256 d = _mm256_set1_ps((float)row[b].d);
-            for (int64_t r = 0; r < M; ++r) {
-                const float *xb = x + r * K + b * 32;
-                __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
-                t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), t);
-                t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
-                t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
-                acc[r] = _mm256_fmadd_ps(t, d, acc[r]);
-            }
+            for (int64_t r = 0; r < M; ++r)
+                acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
         }
-        for (int64_t r = 0; r < M; ++r) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            s = _mm_hadd_ps(s, s);
-            out[r] = _mm_cvtss_f32(_mm_hadd_ps(s, s));
-        }
+        for (int64_t r = 0; r < M; ++r) out[r] = hsum8(acc[r]);
 #else
         for (int64_t b = 0; b < nb; ++b) {
             const float d = (float)row[b].d;
