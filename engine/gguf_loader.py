@@ -76,7 +76,7 @@ def read_gguf_blocks(path: str | Path) -> dict[str, tuple[str, torch.Tensor]]:
     for tensor in reader.tensors:
         if tensor.tensor_type not in kinds:
             continue
-        rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # [out, in / 32 * 20]
+        rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))  # [out, in / 32 * block bytes]
         kind = tensor.name.split(".")[-2]
         if arch in _PERMUTED_ARCHS and kind in heads:
             rows = _unpermute_rows(rows, heads[kind])
