@@ -87,7 +87,7 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 @dataclass
 class GGUFWeights:
-    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of up to four rows, and
+    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a few rows, and
     fbgemm's fp16 packing of the same weights for larger ones, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
     blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.linear import PACKERS, Linear
+from engine.linear import PACKERS, GGUFWeights, Linear
 from engine.rope import RotaryEmbedding, apply_rope
 from kernels import TORCH_BACKEND, AttentionBackend, AttentionMetadata, cpu_ops
+from kernels.cpu_decode import DecodeStack, StackLayer, StackShape
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decode_stack: DecodeStack | None = None  # gguf's layers in one C call, for steps of few rows
 
     def pack_linears(self, quantization: str, progress: bool = False,
                      outliers: dict[Linear, torch.Tensor] | None = None,
@@ -121,6 +123,22 @@ class LlamaForCausalLM(nn.Module):
                 module.pack_gguf(*blocks[module])
             else:
                 PACKERS[quantization](module)
+        self.decode_stack = self._decode_stack() if quantization == "gguf" else None
+
+    def _decode_stack(self) -> DecodeStack | None:
+        """The layers as one C call (kernels/cpu_decode.py) when every projection reads GGUF blocks."""
+        projections = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                       for layer in self.layers]
+        if not DecodeStack.available() or any(lin.bias is not None for ls in projections for lin in ls[1:]) or \
+                not all(isinstance(lin.packed, GGUFWeights) for ls in projections for lin in ls):
+            return None
+        layers = [StackLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                             *((lin.packed.kind, lin.packed.blocks) for lin in ls),
+                             qkv_bias=None if ls[0].bias is None else ls[0].bias.detach())
+                  for layer, ls in zip(self.layers, projections)]
+        cfg, attn = self.config, self.layers[0].self_attn
+        return DecodeStack(layers, StackShape(cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                              cfg.intermediate_size, cfg.rms_norm_eps, attn.scale))
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:
@@ -137,6 +155,10 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [T] -> hidden: [T, hidden]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)  # once per step, shared by every layer
+        stack = self.decode_stack
+        if stack is not None and self.layers[0].self_attn.backend is TORCH_BACKEND and \
+                stack.supports(x, rope[0], kv_caches, meta):
+            return self.norm(stack(x, *rope, kv_caches, meta))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x)

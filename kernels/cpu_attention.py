@@ -17,7 +17,7 @@ import torch
 
 from kernels import cpu_build
 
-_SOURCE = cpu_build.PRELUDE + r"""
+C_BODY = r"""
 #ifdef __clang__
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -190,6 +190,8 @@ void paged_attention_f32(const float *q, int64_t qs0, int64_t qs1, const float *
     }
 }
 """
+
+_SOURCE = cpu_build.PRELUDE + C_BODY
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kernels import cpu_build
 
-_SOURCE = cpu_build.PRELUDE + r"""
+C_BODY = r"""
 /* y = x / rms(x) * w for each of T rows of N; rows of x at stride xs, y contiguous. */
 static inline void norm_row(const float *x, const float *w, float *y, int64_t N, float eps) {
     float ss = 0.f;
@@ -128,6 +128,8 @@ void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_
     }
 }
 """
+
+_SOURCE = cpu_build.PRELUDE + C_BODY
 
 # Below this many elements a call runs on one thread: a parallel region costs more than the work.
 _PARALLEL_MIN = 1 << 16

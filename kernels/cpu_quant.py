@@ -1,4 +1,4 @@
-"""Linear layers of one to four rows computed straight from a GGUF checkpoint's quantized blocks, in C.
+"""Linear layers of one to eight rows computed straight from a GGUF checkpoint's quantized blocks, in C.
 
 A weight row is a run of 32-weight blocks: Q4_1 holds an fp16 scale d, an fp16 offset m and 32 4-bit
 codes q (w = d * q + m), Q8_0 an fp16 scale and 32 int8 codes (w = d * q), as ggml's block_q4_1 and
@@ -7,8 +7,9 @@ head), and Sluice's fp32 weights are exactly those values, so a product over the
 product up to summation order, while it reads 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of fp16's
 16. A batch-1 decode step is bound by weight reads.
 
-Per block and input row: y += d * (q . x_block) (+ m * sum(x_block)); the 32 codes are widened to fp32
-once per block and used for up to four input rows.
+The 32 codes of a block are widened to fp32 once and serve every input row: for one or two rows as
+y += d * (q . x_block) + m * sum(x_block), for more as the block's weights w = d * q + m made in registers
+(shared by the rows) and y += w . x_block.
 """
 from __future__ import annotations
 
@@ -21,11 +22,18 @@ from kernels import cpu_build
 
 BLOCK = 32  # weights per block
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # fp16 d (and m), then the codes
-# Input rows per call, at most 4 (the kernels' register blocking): past these, fbgemm's fp16 GEMM was faster
-# here (Q4_1 projections at 4 rows 1.1-1.3x fbgemm; the Q8_0 LM head 1.15 vs 1.57 ms at 1 row, 2.0 vs 1.75 at 3)
-MAX_ROWS = {"q4_1": 4, "q8_0": 2}
+# Input rows per call (the kernels' register blocking allows 8 and 4): past these, fbgemm's fp16 GEMM was
+# faster here (Q4_1 projections at 8 rows 1.2-1.5x fbgemm; the Q8_0 LM head 1.15 vs 1.57 ms at 1 row, 2.0 vs
+# 1.75 at 3)
+MAX_ROWS = {"q4_1": 8, "q8_0": 2}
 
-_SOURCE = cpu_build.PRELUDE + r"""
+C_BODY = r"""
+/* Weights stream from memory once per step, and the hardware prefetcher alone left the kernels waiting:
+   fetching 2 KB ahead of the block being read took a Q4_1 layer from DRAM at 1 row from 4.6 to 12 GB/s
+   here (1.5 KB and more were all as good). Rows are contiguous, so "ahead" is the next blocks of the row
+   and then of the rows after it, which the same thread reads next. */
+#define PREFETCH_AHEAD(block) __builtin_prefetch((const char *)(block) + 2048)
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -46,12 +54,87 @@ static inline float hsum8(__m256 v) {
 
 typedef struct { _Float16 d, m; uint8_t qs[16]; } block_q4_1;  /* codes 0-15 low nibbles, 16-31 high */
 
-/* y[M, N] = x[M, K] @ W^T for W given as N rows of K / 32 blocks; M <= 4, K % 32 == 0, all contiguous. */
+#define MAX_M 8
+
+/* y[0..M) of one output row n: sum over its blocks of w . x_r, each block's 32 weights w = d * q + m
+   made in registers (d * q is exact in fp32: 11 bits times 4, so w is the dequantized fp32 weight). M is
+   a compile-time constant at every call, so the row loops unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void q4_1_row(const float *x, const block_q4_1 *row, float *y,
+                                                           int64_t nb, int64_t K, int64_t N, const int M) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[MAX_M];
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        /* widened from memory: lane j holds byte j (codes j and 16 + j), then byte 8 + j */
+        const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)row[b].qs));
+        const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row[b].qs + 8)));
+        const __m256 d = _mm256_set1_ps((float)row[b].d), m = _mm256_set1_ps((float)row[b].m);
+        const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c0, low)), d, m);  /* codes 0-7 */
+        const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c1, low)), d, m);  /* 8-15 */
+        const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 4)), d, m);  /* 16-23 */
+        const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4)), d, m);  /* 24-31 */
+        for (int r = 0; r < M; ++r) {
+            const float *xb = x + r * K + b * 32;
+            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[r]);
+        }
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]);
+#else
+    float out[MAX_M] = {0.f};
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        const float d = (float)row[b].d, m = (float)row[b].m;
+        for (int j = 0; j < 16; ++j) {
+            const float lo = (float)(row[b].qs[j] & 15) * d + m, hi = (float)(row[b].qs[j] >> 4) * d + m;
+            for (int r = 0; r < M; ++r) out[r] += lo * x[r * K + b * 32 + j] + hi * x[r * K + b * 32 + 16 + j];
+        }
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = out[r];
+#endif
+}
+
+/* As q4_1_row for one or two input rows, with d and m factored out of the block: d * (q . x) + m * sum(x),
+   sx holding the block sums of x. Fewer multiplies per weight than making w where there is no row to share it. */
+static inline __attribute__((always_inline)) void q4_1_row_factored(const float *x, const block_q4_1 *row,
+                                                                    const float *sx, float *y, int64_t nb,
+                                                                    int64_t K, int64_t N, const int M) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float mo[2] = {0.f, 0.f};
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)row[b].qs));
+        const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row[b].qs + 8)));
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(c0, low));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(c1, low));
+        const __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 4));
+        const __m256 q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4));
+        const __m256 d = _mm256_set1_ps((float)row[b].d);
+        const float m = (float)row[b].m;
+        for (int r = 0; r < M; ++r) {
+            acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
+            mo[r] += m * sx[r * nb + b];
+        }
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]) + mo[r];
+#else
+    (void)sx;
+    q4_1_row(x, row, y, nb, K, N, M);
+#endif
+}
+
+/* y[M, N] = x[M, K] @ W^T for W given as N rows of K / 32 blocks; M <= MAX_M, K % 32 == 0, all contiguous. */
 void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, int64_t N, int64_t K,
                      int threads) {
     const int64_t nb = K / 32;
-    float *sx = malloc(sizeof(float) * (size_t)(M * nb));  /* sum of x over each block, per row */
-    for (int64_t i = 0; i < M * nb; ++i) {
+    float *sx = M <= 2 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;  /* sum of x over each block, per row */
+    for (int64_t i = 0; sx != NULL && i < M * nb; ++i) {
         float s = 0.f;
         for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
         sx[i] = s;
@@ -59,38 +142,16 @@ void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, i
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const block_q4_1 *row = w + n * nb;
-        float out[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < nb; ++b) {
-            const __m128i q = _mm_loadu_si128((const __m128i *)row[b].qs);
-            const __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
-            const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            const __m256 d = _mm256_set1_ps((float)row[b].d);
-            const float m = (float)row[b].m;
-            for (int64_t r = 0; r < M; ++r) {
-                acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
-                out[r] += m * sx[r * nb + b];
-            }
+        switch (M) {
+            case 1: q4_1_row_factored(x, row, sx, y + n, nb, K, N, 1); break;
+            case 2: q4_1_row_factored(x, row, sx, y + n, nb, K, N, 2); break;
+            case 3: q4_1_row(x, row, y + n, nb, K, N, 3); break;
+            case 4: q4_1_row(x, row, y + n, nb, K, N, 4); break;
+            case 5: q4_1_row(x, row, y + n, nb, K, N, 5); break;
+            case 6: q4_1_row(x, row, y + n, nb, K, N, 6); break;
+            case 7: q4_1_row(x, row, y + n, nb, K, N, 7); break;
+            default: q4_1_row(x, row, y + n, nb, K, N, 8); break;
         }
-        for (int64_t r = 0; r < M; ++r) out[r] += hsum8(acc[r]);
-#else
-        for (int64_t b = 0; b < nb; ++b) {
-            const float d = (float)row[b].d, m = (float)row[b].m;
-            for (int64_t r = 0; r < M; ++r) {
-                const float *xb = x + r * K + b * 32;
-                float t = 0.f;
-                for (int j = 0; j < 16; ++j)
-                    t += (float)(row[b].qs[j] & 15) * xb[j] + (float)(row[b].qs[j] >> 4) * xb[j + 16];
-                out[r] += d * t + m * sx[r * nb + b];
-            }
-        }
-#endif
-        for (int64_t r = 0; r < M; ++r) y[r * N + n] = out[r];
     }
     free(sx);
 }
@@ -107,6 +168,7 @@ void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, i
 #if defined(__AVX2__) && defined(__FMA__)
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t b = 0; b < nb; ++b) {
+            PREFETCH_AHEAD(row + b);
             const __m128i c0 = _mm_loadu_si128((const __m128i *)row[b].qs);
             const __m128i c1 = _mm_loadu_si128((const __m128i *)(row[b].qs + 16));
             const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c0));
@@ -120,6 +182,7 @@ void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, i
         for (int64_t r = 0; r < M; ++r) out[r] = hsum8(acc[r]);
 #else
         for (int64_t b = 0; b < nb; ++b) {
+            PREFETCH_AHEAD(row + b);
             const float d = (float)row[b].d;
             for (int64_t r = 0; r < M; ++r) {
                 const float *xb = x + r * K + b * 32;
@@ -133,6 +196,8 @@ void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, i
     }
 }
 """
+
+_SOURCE = cpu_build.PRELUDE + C_BODY
 
 # Below this many weights a call runs on one thread: a parallel region costs more than the work.
 _PARALLEL_MIN = 1 << 16
@@ -165,6 +230,7 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     m, k = x.shape
     n = blocks.shape[0]
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.shape[1] * BLOCK == k * BLOCK_BYTES[kind]
+    assert m <= MAX_ROWS[kind]  # the kernels' register blocking
     y = torch.empty(m, n)
     threads = torch.get_num_threads() if n * k >= _PARALLEL_MIN else 1
     kernel = _library().q4_1_linear_f32 if kind == "q4_1" else _library().q8_0_linear_f32

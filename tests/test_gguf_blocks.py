@@ -35,8 +35,8 @@ def test_blocks_read_as_ggml_reads_them(kind):
 
 
 @pytest.mark.skipif(not cpu_quant.available(), reason="the C kernels cannot be built here")
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind, rows", [(kind, rows) for kind in ("q4_1", "q8_0") for rows in (1, 2, 3, 4, 5, 8)
+                                        if rows <= cpu_quant.MAX_ROWS[kind]])
 def test_kernel_equals_the_dequantized_product(kind, rows):
     blocks = random_blocks(kind, 200, 576, seed=rows)  # 200 outputs: not a multiple of the threads' split
     x = torch.randn(rows, 576)

@@ -1,0 +1,98 @@
+"""kernels/cpu_decode.py: a gguf model's decoder stack in one C call gives bit for bit the Python path's output."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.default_model import resolve_model
+from engine.linear import Linear
+from engine.loader import build_model
+from engine.model_runner import ModelRunner
+from kernels import cpu_quant
+from kernels.cpu_decode import DecodeStack
+from tests.helpers import scheduled, step_logits
+from tests.test_gguf_blocks import random_blocks
+
+pytestmark = pytest.mark.skipif(not DecodeStack.available(), reason="the C kernels cannot be built here")
+
+
+def _gguf_model(folder, o_kind: str = "q4_1"):
+    """The tiny model with every projection's weights replaced by random blocks, packed as gguf."""
+    model = build_model(resolve_model(str(folder)))[0].requires_grad_(False)
+    blocks = {}
+    for i, layer in enumerate(model.layers):
+        for j, lin in enumerate((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                 layer.mlp.down_proj)):
+            kind = o_kind if lin is layer.self_attn.o_proj else "q4_1"
+            k, n = lin.weight_t.shape
+            blocks[lin] = (kind, random_blocks(kind, n, k, seed=10 * i + j))
+            lin.weight_t.copy_(cpu_quant.dequantize(blocks[lin][1], kind).t())
+    model.pack_linears("gguf", blocks=blocks)
+    assert model.decode_stack is not None
+    return model
+
+
+class _Counting:
+    def __init__(self, stack: DecodeStack):
+        self.stack, self.calls = stack, 0
+
+    def supports(self, *args) -> bool:
+        return self.stack.supports(*args)
+
+    def __call__(self, *args) -> torch.Tensor:
+        self.calls += 1
+        return self.stack(*args)
+
+
+def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
+    """Prompts, then decode rows, several short queries at once (drafts to verify), and a step mixing a
+    prompt chunk with decodes, through a fresh cache: each step's logits, and the stack's call count."""
+    stack = _Counting(model.decode_stack)
+    model.decode_stack = stack if fused else None
+    try:
+        runner = ModelRunner(model, num_blocks=64, block_size=4)
+        gen = torch.Generator().manual_seed(0)
+        a, b, c = (torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (30, 21, 12))
+        tables = [list(range(0, 12)), list(range(20, 32)), list(range(40, 48))]
+        out = [step_logits(runner, [scheduled("a", a[:20], 0, tables[0]), scheduled("b", b[:15], 0, tables[1])])]
+        out.append(step_logits(runner, [scheduled("a", a[20:21], 20, tables[0])]))  # one row
+        out.append(step_logits(runner, [scheduled("a", a[21:22], 21, tables[0]),
+                                        scheduled("b", b[15:16], 15, tables[1])]))  # two requests
+        out.append(step_logits(runner, [scheduled("a", a[22:27], 22, tables[0])]))  # five rows, one request
+        out.append(step_logits(runner, [scheduled("a", a[27:29], 27, tables[0]),
+                                        scheduled("b", b[16:19], 16, tables[1])]))  # 2 + 3 rows
+        out.append(step_logits(runner, [scheduled("c", c, 0, tables[2]), scheduled("a", a[29:], 29, tables[0])]))
+        return out, stack.calls
+    finally:
+        model.decode_stack = stack.stack
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_stack_equals_the_layer_by_layer_path(arch, tiny_llama_dir, tiny_qwen2_dir):
+    model = _gguf_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
+    assert model.decode_stack.max_rows == cpu_quant.MAX_ROWS["q4_1"]
+    fused, calls = _steps(model, fused=True)
+    plain, no_calls = _steps(model, fused=False)
+    assert (calls, no_calls) == (4, 0)  # every short step but the prompts and the step mixing one in
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+
+
+def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir):
+    model = _gguf_model(tiny_llama_dir, o_kind="q8_0")
+    assert model.decode_stack.max_rows == cpu_quant.MAX_ROWS["q8_0"]
+    fused, calls = _steps(model, fused=True)
+    plain, _ = _steps(model, fused=False)
+    assert calls == 2  # the one-row and the two-request steps; 5 rows go layer by layer
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+
+
+def test_no_stack_where_a_projection_has_no_blocks(tiny_llama_dir):
+    model = build_model(resolve_model(str(tiny_llama_dir)))[0].requires_grad_(False)
+    lin: Linear = model.layers[0].mlp.down_proj
+    k, n = lin.weight_t.shape
+    blocks = random_blocks("q4_1", n, k)
+    lin.weight_t.copy_(cpu_quant.dequantize(blocks, "q4_1").t())
+    model.pack_linears("gguf", blocks={lin: ("q4_1", blocks)})  # the rest fp16
+    assert model.decode_stack is None
