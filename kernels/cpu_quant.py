@@ -1,4 +1,4 @@
-"""Linear layers of one to eight rows computed straight from a GGUF checkpoint's quantized blocks, in C.
+"""Linear layers of a few rows computed straight from a GGUF checkpoint's quantized blocks, in C.
 
 A weight row is a run of 32-weight blocks: Q4_1 holds an fp16 scale d, an fp16 offset m and 32 4-bit
 codes q (w = d * q + m), Q8_0 an fp16 scale and 32 int8 codes (w = d * q), as ggml's block_q4_1 and
@@ -7,9 +7,9 @@ head), and Sluice's fp32 weights are exactly those values, so a product over the
 product up to summation order, while it reads 5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of fp16's
 16. A batch-1 decode step is bound by weight reads.
 
-The 32 codes of a block are widened to fp32 once and serve every input row: for one or two rows as
+The 32 codes of a block are widened to fp32 once and serve up to eight input rows: for one or two rows as
 y += d * (q . x_block) + m * sum(x_block), for more as the block's weights w = d * q + m made in registers
-(shared by the rows) and y += w . x_block.
+(shared by the rows) and y += w . x_block; more rows go eight at a time over a weight row read once.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from kernels import cpu_build
 
 BLOCK = 32  # weights per block
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # fp16 d (and m), then the codes
-# Input rows per call (the kernels' register blocking allows 8 and 4): past these, fbgemm's fp16 GEMM was
-# faster here (Q4_1 projections at 8 rows 1.2-1.5x fbgemm; the Q8_0 LM head 1.15 vs 1.57 ms at 1 row, 2.0 vs
-# 1.75 at 3)
-MAX_ROWS = {"q4_1": 8, "q8_0": 2}
+# Input rows per call: past these, fbgemm's fp16 GEMM was faster here (all the default model's Q4_1
+# projections: 1 row 5.0 vs 15.9 ms, 8 rows 14.2 vs 23.3, 16 rows 28.9 vs 36.3, 24 rows 44.7 vs 40.0; its
+# Q8_0 LM head from memory: 1 row 1.2 vs 2.8 ms, 8 rows 3.3 vs 4.3, 12 rows 5.5 vs 5.2).
+MAX_ROWS = {"q4_1": 16, "q8_0": 8}
 
 C_BODY = r"""
 /* Weights stream from memory once per step, and the hardware prefetcher alone left the kernels waiting:
@@ -55,6 +55,11 @@ static inline float hsum8(__m256 v) {
 typedef struct { _Float16 d, m; uint8_t qs[16]; } block_q4_1;  /* codes 0-15 low nibbles, 16-31 high */
 
 #define MAX_M 8
+
+/* call(R) with R the literal value of rows (1 .. MAX_M), so each row count gets its own unrolled loop */
+#define FOR_ROWS(call, rows) switch (rows) { \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break; \
+    case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; default: call(8); break; }
 
 /* y[0..M) of one output row n: sum over its blocks of w . x_r, each block's 32 weights w = d * q + m
    made in registers (d * q is exact in fp32: 11 bits times 4, so w is the dequantized fp32 weight). M is
@@ -129,7 +134,7 @@ static inline __attribute__((always_inline)) void q4_1_row_factored(const float 
 #endif
 }
 
-/* y[M, N] = x[M, K] @ W^T for W given as N rows of K / 32 blocks; M <= MAX_M, K % 32 == 0, all contiguous. */
+/* y[M, N] = x[M, K] @ W^T for W given as N rows of K / 32 blocks; K % 32 == 0, all contiguous. */
 void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, int64_t N, int64_t K,
                      int threads) {
     const int64_t nb = K / 32;
@@ -142,15 +147,17 @@ void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, i
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const block_q4_1 *row = w + n * nb;
-        switch (M) {
-            case 1: q4_1_row_factored(x, row, sx, y + n, nb, K, N, 1); break;
-            case 2: q4_1_row_factored(x, row, sx, y + n, nb, K, N, 2); break;
-            case 3: q4_1_row(x, row, y + n, nb, K, N, 3); break;
-            case 4: q4_1_row(x, row, y + n, nb, K, N, 4); break;
-            case 5: q4_1_row(x, row, y + n, nb, K, N, 5); break;
-            case 6: q4_1_row(x, row, y + n, nb, K, N, 6); break;
-            case 7: q4_1_row(x, row, y + n, nb, K, N, 7); break;
-            default: q4_1_row(x, row, y + n, nb, K, N, 8); break;
+        if (M <= 2) {
+            if (M == 1) q4_1_row_factored(x, row, sx, y + n, nb, K, N, 1);
+            else q4_1_row_factored(x, row, sx, y + n, nb, K, N, 2);
+            continue;
+        }
+        /* groups of 8 input rows; the weight row is read from memory once, then from L1 */
+        for (int64_t g = 0; g < M; g += MAX_M) {
+            const float *xg = x + g * K;
+            float *yg = y + g * N + n;
+            #define Q4_1_ROWS(R) q4_1_row(xg, row, yg, nb, K, N, R)
+            FOR_ROWS(Q4_1_ROWS, M - g < MAX_M ? M - g : MAX_M);
         }
     }
     free(sx);
@@ -158,41 +165,60 @@ void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, i
 
 typedef struct { _Float16 d; int8_t qs[32]; } __attribute__((packed)) block_q8_0;
 
+/* As q4_1_row for Q8_0 blocks (w = d * q, exact in fp32: 11 bits times 8); one or two rows as d * (q . x). */
+static inline __attribute__((always_inline)) void q8_0_row(const float *x, const block_q8_0 *row, float *y,
+                                                           int64_t nb, int64_t K, int64_t N, const int M) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[MAX_M];
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        const int8_t *qs = row[b].qs;
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qs)));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8))));
+        const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 16))));
+        const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 24))));
+        const __m256 d = _mm256_set1_ps((float)row[b].d);
+        if (M <= 2) {
+            for (int r = 0; r < M; ++r)
+                acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
+            continue;
+        }
+        const __m256 w0 = _mm256_mul_ps(q0, d), w1 = _mm256_mul_ps(q1, d);
+        const __m256 w2 = _mm256_mul_ps(q2, d), w3 = _mm256_mul_ps(q3, d);
+        for (int r = 0; r < M; ++r) {
+            const float *xb = x + r * K + b * 32;
+            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[r]);
+            acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[r]);
+        }
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]);
+#else
+    float out[MAX_M] = {0.f};
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        const float d = (float)row[b].d;
+        for (int j = 0; j < 32; ++j)
+            for (int r = 0; r < M; ++r) out[r] += (float)row[b].qs[j] * d * x[r * K + b * 32 + j];
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = out[r];
+#endif
+}
+
 /* As q4_1_linear_f32 for Q8_0 blocks. */
 void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t nb = K / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const block_q8_0 *row = w + n * nb;
-        float out[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < nb; ++b) {
-            PREFETCH_AHEAD(row + b);
-            const __m128i c0 = _mm_loadu_si128((const __m128i *)row[b].qs);
-            const __m128i c1 = _mm_loadu_si128((const __m128i *)(row[b].qs + 16));
-            const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c0));
-            const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c0, 8)));
-            const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c1));
-            const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c1, 8)));
-            const __m256 d = _mm256_set1_ps((float)row[b].d);
-            for (int64_t r = 0; r < M; ++r)
-                acc[r] = _mm256_fmadd_ps(dot_block(q0, q1, q2, q3, x + r * K + b * 32), d, acc[r]);
+        for (int64_t g = 0; g < M; g += MAX_M) {
+            const float *xg = x + g * K;
+            float *yg = y + g * N + n;
+            #define Q8_0_ROWS(R) q8_0_row(xg, row, yg, nb, K, N, R)
+            FOR_ROWS(Q8_0_ROWS, M - g < MAX_M ? M - g : MAX_M);
         }
-        for (int64_t r = 0; r < M; ++r) out[r] = hsum8(acc[r]);
-#else
-        for (int64_t b = 0; b < nb; ++b) {
-            PREFETCH_AHEAD(row + b);
-            const float d = (float)row[b].d;
-            for (int64_t r = 0; r < M; ++r) {
-                const float *xb = x + r * K + b * 32;
-                float t = 0.f;
-                for (int j = 0; j < 32; ++j) t += (float)row[b].qs[j] * xb[j];
-                out[r] += d * t;
-            }
-        }
-#endif
-        for (int64_t r = 0; r < M; ++r) y[r * N + n] = out[r];
     }
 }
 """

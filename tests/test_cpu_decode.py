@@ -80,7 +80,8 @@ def test_stack_equals_the_layer_by_layer_path(arch, tiny_llama_dir, tiny_qwen2_d
 
 def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir):
     model = _gguf_model(tiny_llama_dir, o_kind="q8_0")
-    assert model.decode_stack.max_rows == cpu_quant.MAX_ROWS["q8_0"]
+    assert model.decode_stack.max_rows == min(cpu_quant.MAX_ROWS["q4_1"], cpu_quant.MAX_ROWS["q8_0"])
+    model.decode_stack.max_rows = 2
     fused, calls = _steps(model, fused=True)
     plain, _ = _steps(model, fused=False)
     assert calls == 2  # the one-row and the two-request steps; 5 rows go layer by layer
