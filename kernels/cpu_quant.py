@@ -45,6 +45,18 @@ static inline __m256 dot_block(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const
     return _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
 }
 
+/* acc[r] += w . x_r over one block for each of M rows of x (at stride K); w0..w3: the block's 32 weights */
+static inline __attribute__((always_inline)) void add_block_rows(__m256 *acc, __m256 w0, __m256 w1, __m256 w2,
+                                                                 __m256 w3, const float *x, int64_t K, const int M) {
+    for (int r = 0; r < M; ++r) {
+        const float *xb = x + r * K;
+        acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[r]);
+        acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[r]);
+        acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[r]);
+        acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[r]);
+    }
+}
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
@@ -80,13 +92,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const float *x, const
         const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c1, low)), d, m);  /* 8-15 */
         const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 4)), d, m);  /* 16-23 */
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4)), d, m);  /* 24-31 */
-        for (int r = 0; r < M; ++r) {
-            const float *xb = x + r * K + b * 32;
-            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[r]);
-        }
+        add_block_rows(acc, w0, w1, w2, w3, x + b * 32, K, M);
     }
     for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]);
 #else
@@ -186,13 +192,7 @@ static inline __attribute__((always_inline)) void q8_0_row(const float *x, const
         }
         const __m256 w0 = _mm256_mul_ps(q0, d), w1 = _mm256_mul_ps(q1, d);
         const __m256 w2 = _mm256_mul_ps(q2, d), w3 = _mm256_mul_ps(q3, d);
-        for (int r = 0; r < M; ++r) {
-            const float *xb = x + r * K + b * 32;
-            acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[r]);
-            acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[r]);
-        }
+        add_block_rows(acc, w0, w1, w2, w3, x + b * 32, K, M);
     }
     for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]);
 #else
