@@ -23,10 +23,10 @@ from decoding.chain import Drafter, decode_metadata, draft_chain, rows_metadata
 from decoding.proposers import FeatureBatch, Proposal
 from engine.config import ModelConfig
 from engine.linear import PACKERS, Linear
-from engine.model import DecoderLayer, LlamaForCausalLM, RMSNorm
+from engine.model import DecoderLayer, LlamaForCausalLM, RMSNorm, decode_stack
 from engine.kv_cache import kv_cache_bytes_per_block
 from engine.rope import apply_rope
-from kernels import AttentionMetadata
+from kernels import TORCH_BACKEND, AttentionMetadata, cpu_quant
 
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 DEFAULT_HEAD = HEADS_DIR / "smollm2-eagle.safetensors"  # trained for the default model, SmolLM2-135M-Instruct
@@ -58,6 +58,7 @@ class EagleHead(nn.Module):
         self.to(device=param.device, dtype=param.dtype)
         self.reset_parameters()
         self.layer.self_attn.backend = target.layers[0].self_attn.backend
+        self.stack = None  # the layer as one C call, once gguf packing gave it blocks (kernels/cpu_decode.py)
 
     @property
     def target(self) -> LlamaForCausalLM:
@@ -103,6 +104,9 @@ class EagleHead(nn.Module):
         # input_ids, positions: [T]; features: [T, H] -> g: [T, H], the predicted next features
         x = self.embed(input_ids, features.to(self.fc.bias.dtype))
         rope = self.target.rope.lookup(positions, x.dtype)
+        if self.stack is not None and self.layer.self_attn.backend is TORCH_BACKEND and \
+                self.stack.supports(x, rope[0], [kv_cache], meta):
+            return self.norm(self.stack(x, *rope, [kv_cache], meta))
         return self.norm(self.layer(x, rope, kv_cache, meta))
 
     def draft_logits(self, g: torch.Tensor) -> torch.Tensor:
@@ -159,14 +163,27 @@ class EagleHead(nn.Module):
         return attn.o_proj(out.transpose(1, 2).reshape(b * s, nh * hd))
 
     def pack_linears(self, quantization: str) -> None:
-        """The target's CPU weight format (engine/linear.py) for the head's projections too; inference only."""
+        """The target's CPU weight format (engine/linear.py) for the head's projections too; inference only.
+
+        With gguf the head's weights become Q8_0 blocks (ggml's rounding, ~0.4% per weight), so drafting
+        runs on the same fast kernels as the target. Drafts need no exactness: verification keeps the
+        output the target's own, and the rounding barely moves which tokens the head proposes.
+        """
         if self.fc.bias.device.type != "cpu" or self.fc.bias.dtype != torch.float32:
             return
         if quantization == "none" and not torch.backends.mkldnn.is_available():
             return
         for module in self.modules():
-            if isinstance(module, Linear):
+            if not isinstance(module, Linear):
+                continue
+            if quantization == "gguf" and module.weight_t.shape[0] % cpu_quant.BLOCK == 0 and cpu_quant.available():
+                blocks = cpu_quant.quantize_q8_0(module.weight_t.detach().t())
+                with torch.no_grad():
+                    module.weight_t.copy_(cpu_quant.dequantize(blocks, "q8_0").t())
+                module.pack_gguf("q8_0", blocks)
+            else:
                 PACKERS[quantization](module)
+        self.stack = decode_stack([self.layer], self.config) if quantization == "gguf" else None
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(_TRAINED)}

@@ -66,6 +66,20 @@ def verify(probs: torch.Tensor, drafts: DraftBatch, generators: list[torch.Gener
     return [ok + [t] for ok, t in zip(emitted, last)]
 
 
+def verify_greedy(target_ids: list[int], drafts: DraftBatch) -> list[list[int]]:
+    """`verify` where every row is greedy: p is one-hot on the row's argmax (target_ids, one per row), so a
+    draft is accepted exactly when it is that argmax, and the next token is the first row's argmax that
+    no draft matched (after k acceptances, the bonus row's). No [N, V] distribution is built."""
+    starts, out = drafts.starts, []
+    for r, ids in enumerate(drafts.draft_ids):
+        row = target_ids[starts[r]:starts[r + 1]]  # k + 1 argmaxes
+        n_ok = 0
+        while n_ok < len(ids) and ids[n_ok] == row[n_ok]:
+            n_ok += 1
+        out.append(ids[:n_ok] + [row[n_ok]])
+    return out
+
+
 def _residuals(p: torch.Tensor, q: list[torch.Tensor | int | None]) -> torch.Tensor:
     """norm(max(0, p - q)) per row where a draft was rejected; p itself elsewhere. p: [R, V]."""
     out = p.clone()

@@ -83,6 +83,22 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(h)
 
 
+def decode_stack(layers: list[DecoderLayer], cfg: ModelConfig) -> DecodeStack | None:
+    """`layers` as one C call (kernels/cpu_decode.py), where every projection reads GGUF blocks."""
+    projections = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                   for layer in layers]
+    if not DecodeStack.available() or any(lin.bias is not None for ls in projections for lin in ls[1:]) or \
+            not all(isinstance(lin.packed, GGUFWeights) for ls in projections for lin in ls):
+        return None
+    stack = [StackLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                        *((lin.packed.kind, lin.packed.blocks) for lin in ls),
+                        qkv_bias=None if ls[0].bias is None else ls[0].bias.detach())
+             for layer, ls in zip(layers, projections)]
+    attn = layers[0].self_attn
+    return DecodeStack(stack, StackShape(cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                         cfg.intermediate_size, cfg.rms_norm_eps, attn.scale))
+
+
 class LlamaForCausalLM(nn.Module):
     """`forward` returns hidden states of every row; `compute_logits` runs the LM head on the rows that sample."""
 
@@ -123,22 +139,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack_gguf(*blocks[module])
             else:
                 PACKERS[quantization](module)
-        self.decode_stack = self._decode_stack() if quantization == "gguf" else None
-
-    def _decode_stack(self) -> DecodeStack | None:
-        """The layers as one C call (kernels/cpu_decode.py) when every projection reads GGUF blocks."""
-        projections = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-                       for layer in self.layers]
-        if not DecodeStack.available() or any(lin.bias is not None for ls in projections for lin in ls[1:]) or \
-                not all(isinstance(lin.packed, GGUFWeights) for ls in projections for lin in ls):
-            return None
-        layers = [StackLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                             *((lin.packed.kind, lin.packed.blocks) for lin in ls),
-                             qkv_bias=None if ls[0].bias is None else ls[0].bias.detach())
-                  for layer, ls in zip(self.layers, projections)]
-        cfg, attn = self.config, self.layers[0].self_attn
-        return DecodeStack(layers, StackShape(cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                              cfg.intermediate_size, cfg.rms_norm_eps, attn.scale))
+        self.decode_stack = decode_stack(self.layers, self.config) if quantization == "gguf" else None
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:
@@ -158,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         stack = self.decode_stack
         if stack is not None and self.layers[0].self_attn.backend is TORCH_BACKEND and \
                 stack.supports(x, rope[0], kv_caches, meta):
-            return self.norm(stack(x, *rope, kv_caches, meta))
+            return self.norm(stack(x, *rope, kv_caches, meta))  # the loop below, in C
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
         return self.norm(x)

@@ -9,7 +9,7 @@ import torch
 from decoding.logits_processors import apply_logits_processors
 from decoding.proposers import FeatureBatch, FeatureProposer, Proposal, ProposalRequest, Proposer
 from decoding.sampler import Sampler, SamplingMetadata, gather_logprobs, logits_to_probs, make_generator
-from decoding.speculative import DraftBatch, verify
+from decoding.speculative import DraftBatch, verify, verify_greedy
 from grammar import apply_bitmask
 from engine.kv_cache import allocate_kv_caches
 from engine.model import LlamaForCausalLM
@@ -19,6 +19,7 @@ from engine.prompt_logprobs import PromptLogprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels import AttentionMetadata
+from kernels.cpu_ops import argmax
 
 
 @dataclass
@@ -165,9 +166,11 @@ class ModelRunner:
                   for s, i in expanded]
         meta = self._metadata([s for s, _ in expanded], outputs, banned)
         errors = self._apply_logits_processors(logits, [s for s, _ in expanded], outputs)
-        probs = logits_to_probs(logits, meta)  # [N, V]
         drafts = DraftBatch([s.draft_token_ids for s in rows], [self._draft_probs(s) for s in rows])
-        emitted = verify(probs, drafts, [self._generator(s) for s in rows])
+        if meta.all_greedy and meta.no_adjustments:
+            emitted = verify_greedy(argmax(logits).tolist(), drafts)
+        else:
+            emitted = verify(logits_to_probs(logits, meta), drafts, [self._generator(s) for s in rows])
         sampled = {s.request_id: tokens for s, tokens in zip(rows, emitted)}
         return ModelRunnerOutput(sampled, self._verified_logprobs(logits, rows, drafts.starts, emitted), errors=errors)
 

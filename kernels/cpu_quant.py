@@ -264,6 +264,17 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     return y
 
 
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """Q8_0 block rows [N, K / 32 * 34] of weight [N, K] (K % 32 == 0), rounded as ggml's quantize_row_q8_0:
+    per 32 weights d = max |w| / 127 (kept in fp16) and q = round(w / d)."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    d = w.abs().amax(dim=-1, keepdim=True) / 127  # [N, nb, 1]
+    q = torch.where(d > 0, w / d.clamp(min=1e-30), torch.zeros_like(w)).round().clamp(-127, 127)
+    parts = [d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)]  # [N, nb, 2], [N, nb, 32]
+    return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
+
+
 def dequantize(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """The fp32 weights [N, K] that `blocks` of `kind` hold (the reference for the kernels)."""
     n = blocks.shape[0]

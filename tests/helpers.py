@@ -26,3 +26,17 @@ def prompt_logits(model: LlamaForCausalLM, ids: list[int], block_size: int = 16)
     hidden = prompt_hidden(model, ids, block_size)
     with torch.inference_mode():
         return model.compute_logits(hidden)
+
+
+class CountingStack:
+    """A kernels.cpu_decode.DecodeStack that counts the steps it runs."""
+
+    def __init__(self, stack):
+        self.stack, self.calls = stack, 0
+
+    def supports(self, *args) -> bool:
+        return self.stack.supports(*args)
+
+    def __call__(self, *args) -> torch.Tensor:
+        self.calls += 1
+        return self.stack(*args)

@@ -10,7 +10,7 @@ from engine.loader import build_model
 from engine.model_runner import ModelRunner
 from kernels import cpu_quant
 from kernels.cpu_decode import DecodeStack
-from tests.helpers import scheduled, step_logits
+from tests.helpers import CountingStack, scheduled, step_logits
 from tests.test_gguf_blocks import random_blocks
 
 pytestmark = pytest.mark.skipif(not DecodeStack.available(), reason="the C kernels cannot be built here")
@@ -32,22 +32,10 @@ def _gguf_model(folder, o_kind: str = "q4_1"):
     return model
 
 
-class _Counting:
-    def __init__(self, stack: DecodeStack):
-        self.stack, self.calls = stack, 0
-
-    def supports(self, *args) -> bool:
-        return self.stack.supports(*args)
-
-    def __call__(self, *args) -> torch.Tensor:
-        self.calls += 1
-        return self.stack(*args)
-
-
 def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
     """Prompts, then decode rows, several short queries at once (drafts to verify), and a step mixing a
     prompt chunk with decodes, through a fresh cache: each step's logits, and the stack's call count."""
-    stack = _Counting(model.decode_stack)
+    stack = CountingStack(model.decode_stack)
     model.decode_stack = stack if fused else None
     try:
         runner = ModelRunner(model, num_blocks=64, block_size=4)

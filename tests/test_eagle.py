@@ -10,6 +10,7 @@ from decoding.eagle_train import (IGNORE, TrainConfig, build_draft_vocab, evalua
                                   make_batches, train_head)
 from decoding.proposers import FeatureBatch
 from engine.loader import load_model
+from tests.helpers import CountingStack
 
 BLOCK = 4
 K = 3
@@ -137,6 +138,29 @@ def test_checkpoint_round_trip(target, tmp_path):
     packed = load_eagle(path, target, quantization="fp16")  # the CPU inference format
     g = torch.randn(3, target.config.hidden_size)
     assert torch.allclose(packed.draft_logits(g), loaded.draft_logits(g), atol=1e-2)
+
+
+def test_gguf_packs_the_head_as_q8_0_and_drafts_through_the_c_stack(target):
+    from engine.linear import GGUFWeights, Linear
+    from kernels import cpu_quant
+
+    head = _head(target)
+    plain = {name: m.weight_t.detach().t().clone() for name, m in head.named_modules() if isinstance(m, Linear)}
+    head.pack_linears("gguf")
+    for name, m in head.named_modules():
+        if isinstance(m, Linear):
+            assert isinstance(m.packed, GGUFWeights) and m.packed.kind == "q8_0"
+            w = cpu_quant.dequantize(m.packed.blocks, "q8_0")
+            assert ((w - plain[name]).norm() / plain[name].norm()).item() < 0.01  # ggml's Q8_0 rounding
+    assert head.stack is not None
+    seqs = _sequences(target)
+    feats = dict(zip(seqs, target_features(target, list(seqs.values()))))
+    head.stack = counting = CountingStack(head.stack)
+    fused = _propose(head, seqs, feats, {"a": 0.0, "b": 0.0})
+    head.stack = None  # the same blocks, layer by layer
+    plain_path = _propose(head, seqs, feats, {"a": 0.0, "b": 0.0})
+    assert counting.calls > 0
+    assert {r: p.token_ids for r, p in fused.items()} == {r: p.token_ids for r, p in plain_path.items()}
 
 
 def test_draft_vocabulary_keeps_eos():

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import chisquare
 
 from decoding.proposers import NgramProposer, Proposal, ProposalRequest
-from decoding.speculative import DraftBatch, verify
+from decoding.speculative import DraftBatch, verify, verify_greedy
 from engine import LLM, SamplingParams
 
 V = 6
@@ -59,6 +59,16 @@ def test_greedy_rows_accept_exactly_while_the_argmax_matches():
     assert verify(p, DraftBatch([[3, 1, 4]], [None]), [None]) == [[3, 1, 4, 2]]  # all accepted + bonus
     two = torch.cat([p[:2], p[2:]])
     assert verify(two, DraftBatch([[0], [4]], [None, None]), [None, None]) == [[3], [4, 2]]
+    # the greedy shortcut gives the same from the argmaxes alone, for these and for random drafts
+    assert verify_greedy([3, 1, 4, 2], DraftBatch([[3, 1, 5]], [None])) == [[3, 1, 4]]
+    assert verify_greedy([3, 1, 4, 2], DraftBatch([[3, 1, 4]], [None])) == [[3, 1, 4, 2]]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ks = torch.randint(0, 4, (3,), generator=gen).tolist()
+        target = torch.randint(0, 3, (sum(ks) + 3,), generator=gen)
+        drafts = DraftBatch([torch.randint(0, 3, (k,), generator=gen).tolist() for k in ks], [None] * 3)
+        want = verify(torch.nn.functional.one_hot(target, V).float(), drafts, [None] * 3)
+        assert verify_greedy(target.tolist(), drafts) == want
 
 
 @pytest.fixture(scope="module")
