@@ -132,7 +132,7 @@ class DecodeStack:
     def __init__(self, layers: list[StackLayer], shape: StackShape):
         self.layers, self.shape = layers, shape
         kinds = {kind for layer in layers for kind, _ in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        self.max_rows = min(cpu_quant.MAX_ROWS[k] for k in kinds)  # the calls the Python path sends to blocks
+        self.max_rows = min(cpu_quant.max_rows(k) for k in kinds)  # the calls the Python path sends to blocks
         self._table = (_Layer * len(layers))()
         for entry, layer in zip(self._table, layers):
             entry.input_norm, entry.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()

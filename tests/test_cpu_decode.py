@@ -32,15 +32,19 @@ def _gguf_model(folder, o_kind: str = "q4_1"):
     return model
 
 
+SHORT_STEP_ROWS = [1, 2, 5, 5, 20]  # the rows of _steps' steps that hold no prompt chunk
+
+
 def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
-    """Prompts, then decode rows, several short queries at once (drafts to verify), and a step mixing a
-    prompt chunk with decodes, through a fresh cache: each step's logits, and the stack's call count."""
+    """Prompts, then decode rows, several short queries at once (drafts to verify), a step mixing a prompt
+    chunk with a decode, and 20 short rows of three requests, through a fresh cache: each step's logits,
+    and the stack's call count."""
     stack = CountingStack(model.decode_stack)
     model.decode_stack = stack if fused else None
     try:
         runner = ModelRunner(model, num_blocks=64, block_size=4)
         gen = torch.Generator().manual_seed(0)
-        a, b, c = (torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (30, 21, 12))
+        a, b, c = (torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (37, 26, 18))
         tables = [list(range(0, 12)), list(range(20, 32)), list(range(40, 48))]
         out = [step_logits(runner, [scheduled("a", a[:20], 0, tables[0]), scheduled("b", b[:15], 0, tables[1])])]
         out.append(step_logits(runner, [scheduled("a", a[20:21], 20, tables[0])]))  # one row
@@ -49,7 +53,9 @@ def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
         out.append(step_logits(runner, [scheduled("a", a[22:27], 22, tables[0])]))  # five rows, one request
         out.append(step_logits(runner, [scheduled("a", a[27:29], 27, tables[0]),
                                         scheduled("b", b[16:19], 16, tables[1])]))  # 2 + 3 rows
-        out.append(step_logits(runner, [scheduled("c", c, 0, tables[2]), scheduled("a", a[29:], 29, tables[0])]))
+        out.append(step_logits(runner, [scheduled("c", c[:12], 0, tables[2]), scheduled("a", a[29:30], 29, tables[0])]))
+        out.append(step_logits(runner, [scheduled("a", a[30:], 30, tables[0]), scheduled("b", b[19:], 19, tables[1]),
+                                        scheduled("c", c[12:], 12, tables[2])]))  # 7 + 7 + 6 rows
         return out, stack.calls
     finally:
         model.decode_stack = stack.stack
@@ -58,17 +64,17 @@ def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
 def test_stack_equals_the_layer_by_layer_path(arch, tiny_llama_dir, tiny_qwen2_dir):
     model = _gguf_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
-    assert model.decode_stack.max_rows == cpu_quant.MAX_ROWS["q4_1"]
+    assert model.decode_stack.max_rows == cpu_quant.max_rows("q4_1")
     fused, calls = _steps(model, fused=True)
     plain, no_calls = _steps(model, fused=False)
-    assert (calls, no_calls) == (4, 0)  # every short step but the prompts and the step mixing one in
+    assert no_calls == 0 and calls == sum(rows <= model.decode_stack.max_rows for rows in SHORT_STEP_ROWS) >= 4
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
 
 
 def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir):
     model = _gguf_model(tiny_llama_dir, o_kind="q8_0")
-    assert model.decode_stack.max_rows == min(cpu_quant.MAX_ROWS["q4_1"], cpu_quant.MAX_ROWS["q8_0"])
+    assert model.decode_stack.max_rows == min(cpu_quant.max_rows("q4_1"), cpu_quant.max_rows("q8_0"))
     model.decode_stack.max_rows = 2
     fused, calls = _steps(model, fused=True)
     plain, _ = _steps(model, fused=False)
