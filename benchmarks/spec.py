@@ -111,7 +111,8 @@ def main() -> None:
                 after = eng.stats()
                 steps = after.spec_verify_steps - before[method].spec_verify_steps
                 accepted = after.spec_accepted_tokens - before[method].spec_accepted_tokens
-                row += [best[method], best[method] / best["none"], 1 + accepted / steps if steps else 0.0]
+                # "-": no drafts were verified (batch above the drafting limit, or no draft confident enough)
+                row += [best[method], best[method] / best["none"], 1 + accepted / steps if steps else "-"]
             rows.append(row)
     header = ["prompts", "batch", "plain tok/s"]
     for method in engines:
