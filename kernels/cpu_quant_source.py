@@ -53,7 +53,7 @@ typedef struct { _Float16 d, m; uint8_t qs[16]; } block_q4_1;  /* codes 0-15 low
    made in registers (d * q is exact in fp32: 11 bits times 4, so w is the dequantized fp32 weight). M is
    a compile-time constant at every call, so the row loops unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void q4_1_row(const float *x, const block_q4_1 *row, float *y,
-                                                           int64_t nb, int64_t K, int64_t N, const int M) {
+                                                           int64_t nb, int64_t K, int64_t N, const int M, int add) {
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[MAX_M];
     for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
@@ -70,7 +70,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const float *x, const
         const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4)), d, m);  /* 24-31 */
         add_block_rows(acc, w0, w1, w2, w3, x + b * 32, K, M);
     }
-    for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]);
+    for (int r = 0; r < M; ++r) y[r * N] = (add ? y[r * N] : 0.f) + hsum8(acc[r]);
 #else
     float out[MAX_M] = {0.f};
     for (int64_t b = 0; b < nb; ++b) {
@@ -81,7 +81,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const float *x, const
             for (int r = 0; r < M; ++r) out[r] += lo * x[r * K + b * 32 + j] + hi * x[r * K + b * 32 + 16 + j];
         }
     }
-    for (int r = 0; r < M; ++r) y[r * N] = out[r];
+    for (int r = 0; r < M; ++r) y[r * N] = (add ? y[r * N] : 0.f) + out[r];
 #endif
 }
 
@@ -95,7 +95,8 @@ static inline __attribute__((always_inline)) void q4_1_row(const float *x, const
 /* As q4_1_row with 16-lane vectors: one block's 32 weights are two registers, and 32 registers hold 16 rows. */
 
 static inline __attribute__((always_inline)) void q4_1_row_512(const float *x, const block_q4_1 *row, float *y,
-                                                               int64_t nb, int64_t K, int64_t N, const int M) {
+                                                               int64_t nb, int64_t K, int64_t N, const int M,
+                                                               int add) {
     __m512 acc[MAX_M512];
     for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi32(15);
@@ -111,7 +112,7 @@ static inline __attribute__((always_inline)) void q4_1_row_512(const float *x, c
             acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r]);
         }
     }
-    for (int r = 0; r < M; ++r) y[r * N] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < M; ++r) y[r * N] = (add ? y[r * N] : 0.f) + _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -142,15 +143,19 @@ static inline __attribute__((always_inline)) void q4_1_row_factored(const float 
     for (int r = 0; r < M; ++r) y[r * N] = hsum8(acc[r]) + mo[r];
 #else
     (void)sx;
-    q4_1_row(x, row, y, nb, K, N, M);
+    q4_1_row(x, row, y, nb, K, N, M, 0);
 #endif
 }
 
-#if defined(__AVX512F__)
+#define TILE_ROWS 32  /* weight rows that share a slice of x */
+
+#if defined(__AVX512F__)  /* CPUs with AVX-512 have had 48 KB of L1 data cache; AVX2 ones 32 KB */
+#define X_SLICE_BYTES 40960
 #define GROUP MAX_M512
 #define Q4_1_GROUP q4_1_row_512
 #define FOR_GROUP_ROWS FOR_ROWS16
 #else
+#define X_SLICE_BYTES 24576
 #define GROUP MAX_M
 #define Q4_1_GROUP q4_1_row
 #define FOR_GROUP_ROWS FOR_ROWS
@@ -166,16 +171,31 @@ static void q4_1_linear_group(const float *x, const block_q4_1 *w, float *y, int
         for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
         sx[i] = s;
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const block_q4_1 *row = w + n * nb;
-        if (M <= 2) {
-            if (M == 1) q4_1_row_factored(x, row, sx, y + n, nb, K, N, 1);
-            else q4_1_row_factored(x, row, sx, y + n, nb, K, N, 2);
-            continue;
+    if (M <= 2) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            if (M == 1) q4_1_row_factored(x, w + n * nb, sx, y + n, nb, K, N, 1);
+            else q4_1_row_factored(x, w + n * nb, sx, y + n, nb, K, N, 2);
         }
-        #define Q4_1_ROWS(R) Q4_1_GROUP(x, row, y + n, nb, K, N, R)
-        FOR_GROUP_ROWS(Q4_1_ROWS, M);
+        free(sx);
+        return;
+    }
+    /* K in even slices whose M rows of x fit in L1 beside the weights, each slice over a tile of weight rows
+       at a time: the tile's rows all read the slice of x from L1 (the default model's down projection, K =
+       1536, had each weight row sweep 96 KB of x through L1 at 16 rows). One slice where x fits anyway. */
+    const int64_t fit = X_SLICE_BYTES / (M * 32 * (int64_t)sizeof(float)), most = fit > 0 ? fit : 1;
+    const int64_t slices = (nb + most - 1) / most;
+    const int64_t per = (nb + slices - 1) / slices;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += TILE_ROWS) {
+        const int64_t n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;
+        for (int64_t b0 = 0; b0 < nb; b0 += per) {
+            const int64_t cb = nb - b0 < per ? nb - b0 : per;
+            for (int64_t n = n0; n < n1; ++n) {
+                #define Q4_1_ROWS(R) Q4_1_GROUP(x + b0 * 32, w + n * nb + b0, y + n, cb, K, N, R, b0 > 0)
+                FOR_GROUP_ROWS(Q4_1_ROWS, M);
+            }
+        }
     }
     free(sx);
 }

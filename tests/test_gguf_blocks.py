@@ -37,9 +37,10 @@ def test_blocks_read_as_ggml_reads_them(kind):
 @pytest.mark.skipif(not cpu_quant.available(), reason="the C kernels cannot be built here")
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16, 21, 40])  # any count: groups of rows, passes of groups
-def test_kernel_equals_the_dequantized_product(kind, rows):
-    blocks = random_blocks(kind, 200, 576, seed=rows)  # 200 outputs: not a multiple of the threads' split
-    x = torch.randn(rows, 576)
+@pytest.mark.parametrize("cols", [576, 1536])  # 1536: x of many rows no longer fits L1, so K goes in slices
+def test_kernel_equals_the_dequantized_product(kind, rows, cols):
+    blocks = random_blocks(kind, 200, cols, seed=rows)  # 200 outputs: not a multiple of the threads' split
+    x = torch.randn(rows, cols)
     want = x.double() @ cpu_quant.dequantize(blocks, kind).double().t()
     got = cpu_quant.block_linear(x, blocks, kind)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
