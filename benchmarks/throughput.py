@@ -4,7 +4,7 @@
 
 Sluice runs every request concurrently (continuous batching); transformers runs them one at a
 time (on the first --hf-single requests, to keep the run short) and in static, padded batches of 16,
-each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, int8).
+each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, gguf, int8).
 Output tokens/s counts only the tokens each request asked for. KV waste: allocated KV slots not
 assigned to a token of their sequence, over all allocated slots, summed over steps (what the PagedAttention
 paper counts: the unused tail of each request's last block). A line below gives the stricter count, where
@@ -136,7 +136,7 @@ def main() -> None:
                          "cost is the median over paired rounds (3 rounds put it anywhere from -0.8%% to +2.5%%)")
     ap.add_argument("--quantization", default="none", choices=["none", "fp16", "int8"],
                     help="Sluice's weight format; the targets of the engine issue are in exact fp32 (none)")
-    ap.add_argument("--also", nargs="*", default=["fp16", "int8"], choices=["fp16", "int8"],
+    ap.add_argument("--also", nargs="*", default=["fp16", "gguf", "int8"], choices=["fp16", "gguf", "int8"],
                     help="other CPU weight formats to run on the same workload (prefix caching on)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, the checkpoint's dtype on CUDA")
