@@ -104,8 +104,7 @@ class EagleHead(nn.Module):
         # input_ids, positions: [T]; features: [T, H] -> g: [T, H], the predicted next features
         x = self.embed(input_ids, features.to(self.fc.bias.dtype))
         rope = self.target.rope.lookup(positions, x.dtype)
-        if self.stack is not None and self.layer.self_attn.backend is TORCH_BACKEND and \
-                self.stack.supports(x, rope[0], [kv_cache], meta):
+        if self.stack is not None and self.stack.supports(x, rope[0], [kv_cache], meta):
             return self.norm(self.stack(x, *rope, [kv_cache], meta))
         return self.norm(self.layer(x, rope, kv_cache, meta))
 
@@ -183,7 +182,8 @@ class EagleHead(nn.Module):
                 module.pack_gguf("q8_0", blocks)
             else:
                 PACKERS[quantization](module)
-        self.stack = decode_stack([self.layer], self.config) if quantization == "gguf" else None
+        gguf = quantization == "gguf" and self.layer.self_attn.backend is TORCH_BACKEND
+        self.stack = decode_stack([self.layer], self.config) if gguf else None
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(_TRAINED)}

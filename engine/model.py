@@ -144,6 +144,8 @@ class LlamaForCausalLM(nn.Module):
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         for layer in self.layers:
             layer.self_attn.backend = backend
+        if backend is not TORCH_BACKEND:
+            self.decode_stack = None  # it runs the torch backend's CPU kernels
 
     def tie_weights(self) -> None:
         """After loading: a tied head gets its own transposed copy of the embedding (see Linear)."""
@@ -157,8 +159,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)  # once per step, shared by every layer
         stack = self.decode_stack
-        if stack is not None and self.layers[0].self_attn.backend is TORCH_BACKEND and \
-                stack.supports(x, rope[0], kv_caches, meta):
+        if stack is not None and stack.supports(x, rope[0], kv_caches, meta):
             return self.norm(stack(x, *rope, kv_caches, meta))  # the loop below, in C
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)
