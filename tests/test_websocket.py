@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -215,6 +216,10 @@ def test_client_going_away_aborts_everything_it_had_in_flight(server, slow_steps
             frame = recv(ws)
             assert frame["type"] == "chunk"
             started.add(frame["id"])
+        # the role chunk goes out before the engine schedules a request: wait for the blocks
+        deadline = time.monotonic() + 10
+        while server.engine.engine.block_manager.num_used_blocks == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert server.engine.engine.block_manager.num_used_blocks > 0
         if how == "close":
             ws.close()
