@@ -49,9 +49,10 @@ typedef struct { _Float16 d, m; uint8_t qs[16]; } block_q4_1;  /* codes 0-15 low
     case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break; \
     case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; default: call(8); break; }
 
-/* y[0..M) of one output row n: sum over its blocks of w . x_r, each block's 32 weights w = d * q + m
-   made in registers (d * q is exact in fp32: 11 bits times 4, so w is the dequantized fp32 weight). M is
-   a compile-time constant at every call, so the row loops unroll and the accumulators stay in registers. */
+/* y[0..M) of one output row n: sum over its nb blocks of w . x_r, each block's 32 weights w = d * q + m
+   made in registers (d * q is exact in fp32: 11 bits times 4, so w is the dequantized fp32 weight); with
+   `add`, added to y (a later slice of K). M is a compile-time constant at every call, so the row loops
+   unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void q4_1_row(const float *x, const block_q4_1 *row, float *y,
                                                            int64_t nb, int64_t K, int64_t N, const int M, int add) {
 #if defined(__AVX2__) && defined(__FMA__)
