@@ -93,6 +93,15 @@ static inline __attribute__((always_inline)) void q4_1_row(const float *x, const
     case 9: call(9); break; case 10: call(10); break; case 11: call(11); break; case 12: call(12); break; \
     case 13: call(13); break; case 14: call(14); break; case 15: call(15); break; default: call(16); break; }
 
+/* add_block_rows with 16-lane vectors: the block's 32 weights are w0, w1 */
+static inline __attribute__((always_inline)) void add_block_rows_512(__m512 *acc, __m512 w0, __m512 w1,
+                                                                     const float *x, int64_t K, const int M) {
+    for (int r = 0; r < M; ++r) {
+        acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K), acc[r]);
+        acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + 16), acc[r]);
+    }
+}
+
 /* As q4_1_row with 16-lane vectors: one block's 32 weights are two registers, and 32 registers hold 16 rows. */
 
 static inline __attribute__((always_inline)) void q4_1_row_512(const float *x, const block_q4_1 *row, float *y,
@@ -107,11 +116,7 @@ static inline __attribute__((always_inline)) void q4_1_row_512(const float *x, c
         const __m512 d = _mm512_set1_ps((float)row[b].d), m = _mm512_set1_ps((float)row[b].m);
         const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, low)), d, m);  /* codes 0-15 */
         const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), d, m);  /* 16-31 */
-        for (int r = 0; r < M; ++r) {
-            const float *xb = x + r * K + b * 32;
-            acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[r]);
-            acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[r]);
-        }
+        add_block_rows_512(acc, w0, w1, x + b * 32, K, M);
     }
     for (int r = 0; r < M; ++r) y[r * N] = (add ? y[r * N] : 0.f) + _mm512_reduce_add_ps(acc[r]);
 }
@@ -259,18 +264,45 @@ static inline __attribute__((always_inline)) void q8_0_row(const float *x, const
 #endif
 }
 
-/* As q4_1_linear_f32 for Q8_0 blocks. */
-void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#if defined(__AVX512F__)
+/* As q8_0_row with 16-lane vectors, for three rows or more */
+static inline __attribute__((always_inline)) void q8_0_row_512(const float *x, const block_q8_0 *row, float *y,
+                                                               int64_t nb, int64_t K, int64_t N, const int M) {
+    __m512 acc[MAX_M512];
+    for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        PREFETCH_AHEAD(row + b);
+        const __m512 d = _mm512_set1_ps((float)row[b].d);
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)row[b].qs))), d);  /* codes 0-15 */
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(row[b].qs + 16)))), d);  /* 16-31 */
+        add_block_rows_512(acc, w0, w1, x + b * 32, K, M);
+    }
+    for (int r = 0; r < M; ++r) y[r * N] = _mm512_reduce_add_ps(acc[r]);
+}
+#define Q8_0_GROUP_ROWS(x, row, y, nb, K, N, R) ((R) <= 2 ? q8_0_row(x, row, y, nb, K, N, (R) <= 2 ? (R) : 2) \
+                                                          : q8_0_row_512(x, row, y, nb, K, N, R))
+#else
+#define Q8_0_GROUP_ROWS q8_0_row
+#endif
+
+/* y[M, N] = x[M, K] @ W^T for Q8_0 block rows, M <= GROUP; K % 32 == 0, all contiguous. */
+static void q8_0_linear_group(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K,
+                              int threads) {
     const int64_t nb = K / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const block_q8_0 *row = w + n * nb;
-        for (int64_t g = 0; g < M; g += MAX_M) {
-            const float *xg = x + g * K;
-            float *yg = y + g * N + n;
-            #define Q8_0_ROWS(R) q8_0_row(xg, row, yg, nb, K, N, R)
-            FOR_ROWS(Q8_0_ROWS, M - g < MAX_M ? M - g : MAX_M);
-        }
+        #define Q8_0_ROWS(R) Q8_0_GROUP_ROWS(x, row, y + n, nb, K, N, R)
+        FOR_GROUP_ROWS(Q8_0_ROWS, M);
     }
+}
+
+/* As q4_1_linear_f32 for Q8_0 blocks: even groups of rows, a pass over the weights each. */
+void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t parts = (M + GROUP - 1) / GROUP, per = (M + parts - 1) / parts;
+    for (int64_t r = 0; r < M; r += per)
+        q8_0_linear_group(x + r * K, w, y + r * N, M - r < per ? M - r : per, N, K, threads);
 }
 """
