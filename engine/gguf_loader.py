@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -17,6 +16,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
+
+from engine.rope import llama3_scaling_from_divisors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Written last into a converted folder: its presence means every other file is complete.
@@ -190,7 +191,7 @@ def _hf_config(reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor]) 
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "torch_dtype": "float32",
     }
-    rope_freqs = _dequantize(tensors[_ROPE_FREQS]).numpy() if _ROPE_FREQS in tensors else None
+    rope_freqs = _dequantize(tensors[_ROPE_FREQS]) if _ROPE_FREQS in tensors else None
     scaling = _rope_scaling(reader, arch, rope_freqs, head_dim, rope_theta)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -209,53 +210,16 @@ def _special_tokens(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
-def _rope_scaling(reader: GGUFReader, arch: str, rope_freqs: np.ndarray | None, head_dim: int,
+def _rope_scaling(reader: GGUFReader, arch: str, rope_freqs: torch.Tensor | None, head_dim: int,
                   theta: float) -> dict[str, Any] | None:
     kind = _field(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
-        return None if rope_freqs is None else _llama3_scaling(rope_freqs, head_dim, theta)
+        return None if rope_freqs is None else llama3_scaling_from_divisors(rope_freqs, head_dim, theta)
     scaling: dict[str, Any] = {"rope_type": kind, "factor": _float_field(reader, f"{arch}.rope.scaling.factor", 1.0)}
     original = _field(reader, f"{arch}.rope.scaling.original_context_length")
     if original:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
-
-
-def _llama3_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
-    """Recover HF's llama3 rope_scaling from the per-frequency divisors llama.cpp stores instead.
-
-    Between the two cut-offs 1/divisor is linear in old_ctx/wavelength; a line fit gives the cut-offs
-    relative to low_freq_factor, which every Llama 3.x release sets to 1. The result is checked by
-    recomputing the divisors, so a model that breaks the assumption fails loudly instead of drifting.
-    """
-    d = divisors.astype(np.float64)
-    factor = float(d.max())
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    band = (d > 1 + 1e-4) & (d < factor - 1e-4)
-    if band.sum() < 2:
-        raise ValueError("cannot recover llama3 rope scaling: rope_freqs has fewer than two interpolated entries")
-    smooth = (1 / d[band] - 1 / factor) / (1 - 1 / factor)
-    slope, intercept = np.polyfit(inv_freq[band] / (2 * math.pi), smooth, 1)
-    high = 1 - 1 / intercept
-    scaling = {
-        "rope_type": "llama3",
-        "factor": factor,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": round(float(high), 4),
-        "original_max_position_embeddings": int(round(slope * (high - 1))),
-    }
-    if not np.allclose(llama3_divisors(scaling, inv_freq), d, rtol=1e-4):
-        raise ValueError(f"rope_freqs does not match llama3 rope scaling (best fit {scaling})")
-    return scaling
-
-
-def llama3_divisors(scaling: dict[str, Any], inv_freq: np.ndarray) -> np.ndarray:
-    """The divisor llama3 rope scaling applies to each inverse frequency (llama.cpp's rope_freqs)."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
-    return 1 / ((1 - smooth) / factor + smooth)
 
 
 # --- tensors --------------------------------------------------------------------------------------

@@ -31,6 +31,31 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def llama3_scaling_from_divisors(divisors: torch.Tensor, head_dim: int, theta: float) -> dict[str, Any]:
+    """HF's llama3 rope_scaling from the divisor of each inverse frequency, which llama.cpp stores instead
+    (a GGUF's rope_freqs).
+
+    Between the two cut-offs 1/divisor is linear in old_ctx/wavelength; a line fit gives the cut-offs
+    relative to low_freq_factor, which every Llama 3.x release sets to 1. The result is checked by
+    recomputing the divisors, so a model that breaks the assumption fails loudly instead of drifting.
+    """
+    d = divisors.double()
+    factor = float(d.max())
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    band = (d > 1 + 1e-4) & (d < factor - 1e-4)
+    if int(band.sum()) < 2:
+        raise ValueError("cannot recover llama3 rope scaling: rope_freqs has fewer than two interpolated entries")
+    smooth = (1 / d[band] - 1 / factor) / (1 - 1 / factor)  # [n]
+    x = inv_freq[band] / (2 * math.pi)
+    slope, intercept = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), smooth[:, None]).solution[:, 0].tolist()
+    high = 1 - 1 / intercept
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": round(high, 4),
+               "original_max_position_embeddings": int(round(slope * (high - 1)))}
+    if not torch.allclose(inv_freq / _llama3_inv_freq(inv_freq, scaling), d, rtol=1e-4):
+        raise ValueError(f"rope_freqs does not match llama3 rope scaling (best fit {scaling})")
+    return scaling
+
+
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables over all positions; `lookup` once per step, `apply_rope` per layer."""
 
