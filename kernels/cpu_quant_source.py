@@ -103,7 +103,6 @@ static inline __attribute__((always_inline)) void add_block_rows_512(__m512 *acc
 }
 
 /* As q4_1_row with 16-lane vectors: one block's 32 weights are two registers, and 32 registers hold 16 rows. */
-
 static inline __attribute__((always_inline)) void q4_1_row_512(const float *x, const block_q4_1 *row, float *y,
                                                                int64_t nb, int64_t K, int64_t N, const int M,
                                                                int add) {
@@ -168,16 +167,17 @@ static inline __attribute__((always_inline)) void q4_1_row_factored(const float 
 #endif
 
 /* y[M, N] = x[M, K] @ W^T for W given as N rows of K / 32 blocks, M <= GROUP; K % 32 == 0, all contiguous. */
-static void q4_1_linear_group(const float *x, const block_q4_1 *w, float *y, int64_t M, int64_t N, int64_t K,
-                     int threads) {
+static void q4_1_linear_group(const float *x, const void *blocks, float *y, int64_t M, int64_t N, int64_t K,
+                              int threads) {
+    const block_q4_1 *w = blocks;
     const int64_t nb = K / 32;
-    float *sx = M <= 2 ? malloc(sizeof(float) * (size_t)(M * nb)) : NULL;  /* sum of x over each block, per row */
-    for (int64_t i = 0; sx != NULL && i < M * nb; ++i) {
-        float s = 0.f;
-        for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
-        sx[i] = s;
-    }
     if (M <= 2) {
+        float *sx = malloc(sizeof(float) * (size_t)(M * nb));  /* sum of x over each block, per row */
+        for (int64_t i = 0; i < M * nb; ++i) {
+            float s = 0.f;
+            for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
+            sx[i] = s;
+        }
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             if (M == 1) q4_1_row_factored(x, w + n * nb, sx, y + n, nb, K, N, 1);
@@ -203,16 +203,23 @@ static void q4_1_linear_group(const float *x, const block_q4_1 *w, float *y, int
             }
         }
     }
-    free(sx);
 }
+
+typedef void (*linear_group_fn)(const float *x, const void *blocks, float *y, int64_t M, int64_t N, int64_t K,
+                                int threads);
 
 /* Any number of rows, in even groups of at most GROUP (24 rows: 12 + 12), each a pass over the weights: a
    pass keeps its group of x in L1, where one pass over all the rows had each weight row sweep all of x. */
-void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, int64_t N, int64_t K,
-                     int threads) {
+static void in_row_groups(linear_group_fn group, const float *x, const void *w, float *y, int64_t M, int64_t N,
+                          int64_t K, int threads) {
     const int64_t parts = (M + GROUP - 1) / GROUP, per = (M + parts - 1) / parts;
     for (int64_t r = 0; r < M; r += per)
-        q4_1_linear_group(x + r * K, w, y + r * N, M - r < per ? M - r : per, N, K, threads);
+        group(x + r * K, w, y + r * N, M - r < per ? M - r : per, N, K, threads);
+}
+
+void q4_1_linear_f32(const float *x, const block_q4_1 *w, float *y, int64_t M, int64_t N, int64_t K,
+                     int threads) {
+    in_row_groups(q4_1_linear_group, x, w, y, M, N, K, threads);
 }
 
 /* The widest vectors the multi-row kernels use here: 512 (AVX-512), 256 (AVX2) or 0 (portable C). */
@@ -288,8 +295,9 @@ static inline __attribute__((always_inline)) void q8_0_row_512(const float *x, c
 #endif
 
 /* y[M, N] = x[M, K] @ W^T for Q8_0 block rows, M <= GROUP; K % 32 == 0, all contiguous. */
-static void q8_0_linear_group(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K,
+static void q8_0_linear_group(const float *x, const void *blocks, float *y, int64_t M, int64_t N, int64_t K,
                               int threads) {
+    const block_q8_0 *w = blocks;
     const int64_t nb = K / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
@@ -299,10 +307,8 @@ static void q8_0_linear_group(const float *x, const block_q8_0 *w, float *y, int
     }
 }
 
-/* As q4_1_linear_f32 for Q8_0 blocks: even groups of rows, a pass over the weights each. */
+/* As q4_1_linear_f32 for Q8_0 blocks. */
 void q8_0_linear_f32(const float *x, const block_q8_0 *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t parts = (M + GROUP - 1) / GROUP, per = (M + parts - 1) / parts;
-    for (int64_t r = 0; r < M; r += per)
-        q8_0_linear_group(x + r * K, w, y + r * N, M - r < per ? M - r : per, N, K, threads);
+    in_row_groups(q8_0_linear_group, x, w, y, M, N, K, threads);
 }
 """
