@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -86,6 +88,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU, the checkpoint's dtype on CUDA
     quantization: str = "auto"  # "none" (exact), "fp16", "int8", "gguf"; auto: fastest gated CPU format
+    kv_cache_dtype: str = "auto"  # a DTYPES name; auto: fp16 for gguf weights on CPU, else the model's dtype
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when given
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory
@@ -111,6 +114,7 @@ class EngineConfig:
         # Checked here, before any model loads, so a bad value is a clear error in seconds, not a
         # ZeroDivisionError (block_size 0) or a silently ignored value (0 reads as "unset" below) later.
         _choice("dtype", self.dtype, DTYPES)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, DTYPES)
         _choice("quantization", self.quantization, QUANTIZATIONS)
         _choice("speculative", self.speculative, SPECULATIVE_METHODS)
         _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
@@ -134,6 +138,8 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
+               "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("auto", "none", "fp16", "int8", "gguf")
 SPECULATIVE_METHODS = ("none", "ngram", "eagle", "draft")
 GRAMMAR_BACKENDS = ("llguidance", "outlines")

@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import DTYPE_NAMES, ModelConfig
 from engine.platform import advise_huge_pages
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, quantization: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 for GGUF block weights on CPU, else the model's dtype. A GGUF checkpoint's weights are
+    already approximate; llama.cpp keeps its KV in fp16 by default, and half the bytes make a 32-stream
+    step's attention (which reads the whole cache) about 2x faster. Exact fp32 (quantization none) keeps
+    an fp32 cache; tests/test_quantization.py gates gguf with the fp16 cache."""
+    if name != "auto":
+        return DTYPE_NAMES[name]
+    return torch.float16 if quantization == "gguf" and device.type == "cpu" else model_dtype
 
 
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

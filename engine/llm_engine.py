@@ -14,7 +14,7 @@ from grammar import CompiledGrammar
 from engine.config import EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.model import LlamaForCausalLM
-from engine.kv_cache import kv_cache_bytes_per_block
+from engine.kv_cache import kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.platform import available_memory
@@ -55,6 +55,9 @@ class LLMEngine:
         if wanted and wanted > model_len:  # as vLLM: positions past the model's were never trained
             raise ValueError(f"max_model_len (--max-model-len) {wanted} is more than the model's context "
                              f"({model_len} tokens)")
+        param = next(self.loaded.model.parameters())
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, param.dtype, self.loaded.quantization,
+                                                     param.device)
         proposer = make_proposer(config, self.loaded, self.tokenizer)
         num_blocks = self._num_blocks(proposer)
         if wanted and wanted > num_blocks * config.block_size:  # a request could never be given its blocks
@@ -68,7 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, 1), self.eos_token_ids, lookahead)
         self.runner = ModelRunner(self.loaded.model, num_blocks, config.block_size, proposer,
-                                  speculative_max_batch(config))
+                                  speculative_max_batch(config), self.kv_cache_dtype)
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                                   config.grammar_backend, config.grammar_timeout_s)
@@ -78,7 +81,7 @@ class LLMEngine:
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         dtype = next(self.loaded.model.parameters()).dtype
-        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, dtype)
+        per_block = kv_cache_bytes_per_block(self.model_config, cfg.block_size, self.kv_cache_dtype)
         if isinstance(proposer, FeatureProposer):  # its cache has a block for each of the target's
             per_block += proposer.kv_cache_bytes_per_block(cfg.block_size, dtype)
         budget = cfg.kv_cache_memory or int(available_memory(cfg.device) * cfg.kv_cache_memory_fraction)

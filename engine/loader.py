@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from engine.config import QUANTIZATIONS, ModelConfig, check_device_name
+from engine.config import DTYPE_NAMES, QUANTIZATIONS, ModelConfig, check_device_name
 from engine.default_model import ModelSource, resolve_model
 from engine.model import LlamaForCausalLM
 from engine.platform import available_memory
@@ -32,19 +32,15 @@ class LoadedModel:
     quantization: str = "none"
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
-           "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
     if dtype != "auto":
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
     if torch.device(device).type == "cpu":
         return torch.float32  # bf16 matmuls are hundreds of times slower than fp32 on CPUs without AMX
     declared = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-    return _DTYPES.get(declared, torch.float32)  # a checkpoint that declares fp8 etc. loads in fp32
+    return DTYPE_NAMES.get(declared, torch.float32)  # a checkpoint that declares fp8 etc. loads in fp32
 
 
 def check_device(device: str, kv_cache_memory: int | None = None) -> None:

@@ -44,7 +44,8 @@ class BatchInputs:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 proposer: Proposer | None = None, speculative_max_batch: int = 4):
+                 proposer: Proposer | None = None, speculative_max_batch: int = 4,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -52,7 +53,8 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.config, num_blocks, block_size, kv_cache_dtype or self.dtype,
+                                            self.device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         self.proposer, self.speculative_max_batch = proposer, speculative_max_batch

@@ -69,7 +69,24 @@ static inline v8f exp8(v8f x) {
     p = p * r * r + r + 1.0f;
     return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
+
+#if defined(__FLT16_MAX__)
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline v8f load8_f16(const _Float16 *p) { return (v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#else  /* GCC converts lane by lane here */
+typedef _Float16 v8h __attribute__((vector_size(16)));
+static inline v8f load8_f16(const _Float16 *p) { v8h r; memcpy(&r, p, sizeof r); return __builtin_convertvector(r, v8f); }
+#endif
+#endif
 """
+
+
+def kv_variant(element: str, load8: str, suffix: str, body: str) -> str:
+    """`body` for KV caches of C type `element`: it names the type KV_T, reads 8 of them as fp32 with
+    KV_LOAD8 and names its functions KV(name), which become name_<suffix>."""
+    return (f"#define KV_T {element}\n#define KV_LOAD8 {load8}\n#define KV(name) name##_{suffix}\n{body}"
+            "#undef KV_T\n#undef KV_LOAD8\n#undef KV\n")
 
 
 def load(name: str, source: str) -> ctypes.CDLL | None:

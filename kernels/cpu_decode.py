@@ -26,7 +26,8 @@ typedef struct {
     const void *qkv, *o, *gate_up, *down;  /* ggml block rows */
     int32_t qkv_kind, o_kind, gate_up_kind, down_kind;  /* 0: Q4_1, 1: Q8_0 */
     const float *qkv_bias;  /* [(NH + 2 NKV) D], or NULL */
-    float *k_cache, *v_cache;  /* [NB, BS, NKV, D] */
+    void *k_cache, *v_cache;  /* [NB, BS, NKV, D] */
+    int32_t kv_f16;  /* the caches hold fp16, else fp32 */
 } stack_layer;
 
 typedef struct {
@@ -49,6 +50,25 @@ static inline void linear(const stack_step *s, int kind, const float *x, const v
     else q8_0_linear_f32(x, w, y, s->M, N, K, t);
 }
 
+/* rope_write_kv, then paged_attention, each for the layer's cache dtype */
+static inline void write_and_attend(const stack_step *s, const stack_layer *ly, float *qkv, float *attn,
+                                    int64_t QKV, int attn_threads) {
+    const int64_t M = s->M;
+#if defined(__FLT16_MAX__)
+    if (ly->kv_f16) {
+        rope_write_kv_f16(qkv, s->cos, s->sin, s->slots, ly->k_cache, ly->v_cache, M, s->NH, s->NKV, s->D,
+                          ops_threads(s, M * QKV));
+        paged_attention_f16(qkv, QKV, s->D, ly->k_cache, ly->v_cache, s->tables, s->table_stride, s->lens,
+                            s->qstart, s->qlen, attn, s->R, s->NH, s->NKV, s->D, s->BS, s->scale, attn_threads);
+        return;
+    }
+#endif
+    rope_write_kv_f32(qkv, s->cos, s->sin, s->slots, ly->k_cache, ly->v_cache, M, s->NH, s->NKV, s->D,
+                      ops_threads(s, M * QKV));
+    paged_attention_f32(qkv, QKV, s->D, ly->k_cache, ly->v_cache, s->tables, s->table_stride, s->lens,
+                        s->qstart, s->qlen, attn, s->R, s->NH, s->NKV, s->D, s->BS, s->scale, attn_threads);
+}
+
 /* x [M, H], the residual stream, is run through layers[0 .. L) in place. */
 void decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stack_step *s) {
     const int64_t M = s->M, H = s->H, I = s->I, A = s->NH * s->D, QKV = A + 2 * s->NKV * s->D;
@@ -62,10 +82,7 @@ void decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stac
         linear(s, ly->qkv_kind, h, ly->qkv, qkv, QKV, H);
         if (ly->qkv_bias != NULL)
             for (int64_t i = 0; i < M * QKV; ++i) qkv[i] += ly->qkv_bias[i % QKV];
-        rope_write_kv_f32(qkv, s->cos, s->sin, s->slots, ly->k_cache, ly->v_cache, M, s->NH, s->NKV, s->D,
-                          ops_threads(s, M * QKV));
-        paged_attention_f32(qkv, QKV, s->D, ly->k_cache, ly->v_cache, s->tables, s->table_stride, s->lens,
-                            s->qstart, s->qlen, attn, s->R, s->NH, s->NKV, s->D, s->BS, s->scale, attn_threads);
+        write_and_attend(s, ly, qkv, attn, QKV, attn_threads);
         linear(s, ly->o_kind, attn, ly->o, o, H, A);
         add_rms_norm_f32(x, o, ly->post_norm, x, h, M, H, s->eps, ops_threads(s, M * H));
         linear(s, ly->gate_up_kind, h, ly->gate_up, gu, 2 * I, H);
@@ -81,7 +98,7 @@ void decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stac
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")] + \
                [(name, ctypes.c_int32) for name in ("qkv_kind", "o_kind", "gate_up_kind", "down_kind")] + \
-               [(name, ctypes.c_void_p) for name in ("qkv_bias", "k_cache", "v_cache")]
+               [(name, ctypes.c_void_p) for name in ("qkv_bias", "k_cache", "v_cache")] + [("kv_f16", ctypes.c_int32)]
 
 
 class _Step(ctypes.Structure):
@@ -152,8 +169,9 @@ class DecodeStack:
                  meta: AttentionMetadata) -> bool:
         """Whether the Python path would run this step on the same kernels: few rows, each request's
         queries short enough for the attention kernel, CPU fp32 contiguous data, no autograd."""
+        cache = kv_caches[0][0]
         if x.shape[0] > self.max_rows or torch.is_grad_enabled() or not cpu_ops.rope_write_kv_supported(
-                x, kv_caches[0][0], cos, meta.slot_mapping):
+                x, cache, cos, meta.slot_mapping) or not cpu_attention.available(cache.dtype):
             return False
         short = meta.short_queries
         return (short is not None and len(short.requests) == meta.num_seqs and short.block_tables.is_contiguous()
@@ -178,7 +196,8 @@ class DecodeStack:
         # the runner allocates its caches once; look again only when they move
         ptrs = [t.data_ptr() for kv in kv_caches for t in kv]
         if ptrs != self._caches:
-            assert all(t.is_contiguous() and t.dtype == torch.float32 for kv in kv_caches for t in kv)
+            assert all(t.is_contiguous() and t.dtype in (torch.float32, torch.float16) for kv in kv_caches for t in kv)
             for entry, (k, v) in zip(self._table, kv_caches):
                 entry.k_cache, entry.v_cache = k.data_ptr(), v.data_ptr()
+                entry.kv_f16 = int(k.dtype == torch.float16)
             self._caches = ptrs

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kernels import cpu_build
 
-C_BODY = r"""
+_OPS = r"""
 /* y = x / rms(x) * w for each of T rows of N; rows of x at stride xs, y contiguous. */
 static inline void norm_row(const float *x, const float *w, float *y, int64_t N, float eps) {
     float ss = 0.f;
@@ -61,31 +61,44 @@ void silu_and_mul_f32(const float *gu, float *out, int64_t T, int64_t I, int thr
 }
 
 /* qkv: [T, (H + 2 KVH) * D] contiguous, q then k then v heads. Rotates the q and k heads in place
-   (rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)) with cos, sin: [T, D/2], then
-   copies each token's k and v heads to its cache slot: caches [slots, KVH, D]; slot < 0: not written. */
-void rope_write_kv_f32(float *qkv, const float *cos_t, const float *sin_t, const int64_t *slots, float *kc,
-                       float *vc, int64_t T, int64_t H, int64_t KVH, int64_t D, int threads) {
-    const int64_t half = D / 2, width = (H + 2 * KVH) * D;
-    #pragma omp parallel for num_threads(threads)
-    for (int64_t t = 0; t < T; ++t) {
-        float *row = qkv + t * width;
-        const float *c = cos_t + t * half, *s = sin_t + t * half;
-        for (int64_t h = 0; h < H + KVH; ++h) {
-            float *x1 = row + h * D, *x2 = x1 + half;
-            #pragma omp simd
-            for (int64_t i = 0; i < half; ++i) {
-                const float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[i] + a * s[i];
-            }
-        }
-        if (slots[t] >= 0) {
-            memcpy(kc + slots[t] * KVH * D, row + H * D, sizeof(float) * KVH * D);
-            memcpy(vc + slots[t] * KVH * D, row + (H + KVH) * D, sizeof(float) * KVH * D);
+   (rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)) with cos, sin: [T, D/2]. */
+static inline void rope_row(float *row, const float *c, const float *s, int64_t heads, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        float *x1 = row + h * D, *x2 = x1 + half;
+        #pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = x1[i], b = x2[i];
+            x1[i] = a * c[i] - b * s[i];
+            x2[i] = b * c[i] + a * s[i];
         }
     }
 }
+"""
 
+# rope_row, then each token's k and v heads to its cache slot: caches [slots, KVH, D] of KV_T, converted from
+# fp32 on the way; slot < 0: not written.
+_ROPE_WRITE_KV = r"""
+void KV(rope_write_kv)(float *qkv, const float *cos_t, const float *sin_t, const int64_t *slots, KV_T *kc,
+                       KV_T *vc, int64_t T, int64_t H, int64_t KVH, int64_t D, int threads) {
+    const int64_t width = (H + 2 * KVH) * D, n = KVH * D;
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        float *row = qkv + t * width;
+        rope_row(row, cos_t + t * (D / 2), sin_t + t * (D / 2), H + KVH, D);
+        if (slots[t] >= 0) {
+            const float *k = row + H * D, *v = k + n;
+            KV_T *kt = kc + slots[t] * n, *vt = vc + slots[t] * n;
+            #pragma omp simd
+            for (int64_t i = 0; i < n; ++i) kt[i] = (KV_T)k[i];
+            #pragma omp simd
+            for (int64_t i = 0; i < n; ++i) vt[i] = (KV_T)v[i];
+        }
+    }
+}
+"""
+
+_INT8_AND_ARGMAX = r"""
 /* The input of an int8 linear (engine/linear.py): o [T, K] gathers the outlier channels idx; y = x with
    them zeroed (mask: 0 there, 1 elsewhere) and each row divided by its max |y|, kept in scale [T].
    x rows at stride xs; y, o contiguous. */
@@ -129,6 +142,10 @@ void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_
 }
 """
 
+C_BODY = (_OPS + cpu_build.kv_variant("float", "load8", "f32", _ROPE_WRITE_KV)
+          + "#if defined(__FLT16_MAX__)\n" + cpu_build.kv_variant("_Float16", "load8_f16", "f16", _ROPE_WRITE_KV)
+          + "#endif\n" + _INT8_AND_ARGMAX)
+
 _SOURCE = cpu_build.PRELUDE + C_BODY
 
 # Below this many elements a call runs on one thread: a parallel region costs more than the work.
@@ -149,6 +166,8 @@ def _library() -> ctypes.CDLL | None:
         "int8_prepare_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
         "argmax_rows_f32": [ptr, i64, ptr, i64, i64, i32],
     }
+    if hasattr(lib, "rope_write_kv_f16"):  # built where the compiler has _Float16
+        signatures["rope_write_kv_f16"] = signatures["rope_write_kv_f32"]
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
@@ -206,10 +225,15 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_ROPE_WRITE_KV_FN = {torch.float32: "rope_write_kv_f32", torch.float16: "rope_write_kv_f16"}  # by cache dtype
+
+
 def rope_write_kv_supported(qkv: torch.Tensor, k_cache: torch.Tensor, cos: torch.Tensor,
                             slot_mapping: torch.Tensor) -> bool:
-    return (_fast(qkv, k_cache, cos) is not None and qkv.is_contiguous() and k_cache.is_contiguous()
-            and cos.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous())
+    lib = _fast(qkv, cos)
+    return (lib is not None and hasattr(lib, _ROPE_WRITE_KV_FN.get(k_cache.dtype, "")) and k_cache.is_cpu
+            and qkv.is_contiguous() and k_cache.is_contiguous() and cos.is_contiguous()
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous())
 
 
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -217,12 +241,11 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cac
     """Rotates q and k inside qkv [T, (H + 2 KVH) * D] in place and writes k and v to their cache slots.
     cos, sin: [T, ..., D/2] contiguous; caches: [NB, BS, KVH, D] (both contiguous); slot_mapping: [T] int64.
     Callers check `rope_write_kv_supported` first."""
-    assert v_cache.is_contiguous() and sin.is_contiguous()
-    lib = _library()
+    assert v_cache.is_contiguous() and sin.is_contiguous() and v_cache.dtype == k_cache.dtype
+    write = getattr(_library(), _ROPE_WRITE_KV_FN[k_cache.dtype])
     t, d = qkv.shape[0], k_cache.shape[-1]
-    lib.rope_write_kv_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
-                          k_cache.data_ptr(), v_cache.data_ptr(), t, num_heads, num_kv_heads, d,
-                          _threads(qkv.numel()))
+    write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), k_cache.data_ptr(),
+          v_cache.data_ptr(), t, num_heads, num_kv_heads, d, _threads(qkv.numel()))
 
 
 def int8_prepare(x: torch.Tensor, outliers: torch.Tensor, inlier_mask: torch.Tensor,

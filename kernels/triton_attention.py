@@ -59,7 +59,7 @@ def _attend_tile(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, q_pos, seq_len, b
     blk = tl.load(table_ptr + n // block_size, mask=n_ok, other=0).to(tl.int64)  # block id * stride can pass 2**31
     off = n % block_size
     kv_mask = n_ok[:, None] & (d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + blk[:, None] * sk_b + off[:, None] * sk_s + d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + blk[:, None] * sk_b + off[:, None] * sk_s + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # a cache may be narrower (fp16) than the queries
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -67,7 +67,7 @@ def _attend_tile(q, m, l, acc, k_ptr, v_ptr, table_ptr, start, q_pos, seq_len, b
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_ref)
     p = tl.exp2(s - m_ref[:, None])
-    v = tl.load(v_ptr + blk[:, None] * sv_b + off[:, None] * sv_s + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + blk[:, None] * sv_b + off[:, None] * sv_s + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l * alpha + tl.sum(p, 1), acc
 

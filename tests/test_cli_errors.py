@@ -47,6 +47,7 @@ def _assert_one_line_error(code: int, err: str, expected: str) -> None:
     (["--kv-cache-memory", "abc"], "'abc' is not a size"),
     (["--kv-cache-memory", "100T"], "more than the"),  # T was no unit; then the pool would not fit
     (["--dtype", "bogus"], "invalid choice: 'bogus'"),  # was an AttributeError traceback
+    (["--kv-cache-dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "tpu"], "unsupported device 'tpu'"),
     (["--speculative", "draft"], "needs a draft model"),  # was found after the model loaded
     (["--speculative-model", "x"], "is for speculative 'eagle' or 'draft'"),  # was silently unused

@@ -54,6 +54,20 @@ def test_decode_matches_the_torch_path(seq_lens, kw):
     torch.testing.assert_close(_kernel(q, k, v, meta), _decode(q, k, v, meta, 0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not cpu_attention.available(torch.float16), reason="the compiler has no _Float16")
+@pytest.mark.parametrize("seq_lens,q_lens,kw", [
+    ([5, 17, 1, 8, 12], [1] * 5, {}),
+    ([33, 1, 16, 70], [3, 1, 8, 1], dict(block_size=16, head_dim=64, heads=9, kv_heads=3)),  # the default model's
+    ([9, 21], [1, 2], dict(heads=8, kv_heads=1, head_dim=24)),  # plain dots and outputs
+])
+def test_fp16_caches_give_what_the_torch_path_gives_on_them(seq_lens, q_lens, kw):
+    q, k, v, meta = _case(seq_lens, q_lens, **kw)
+    k16, v16 = k.half(), v.half()
+    got = _kernel(q, k16, v16, meta)
+    torch.testing.assert_close(got, _reference(q, k16, v16, meta), atol=1e-5, rtol=1e-5)  # same fp16 values
+    assert (got - _reference(q, k, v, meta)).abs().max() > 0  # which are not the fp32 ones
+
+
 @pytest.mark.parametrize("seq_lens,q_lens,kw", [
     ([9, 17, 6], [5, 2, 6], {}),  # drafts to verify; the last one's whole context is new
     ([40, 23], [8, 3], dict(block_size=16, head_dim=64, heads=9, kv_heads=3)),

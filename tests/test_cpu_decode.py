@@ -35,14 +35,14 @@ def _gguf_model(folder, o_kind: str = "q4_1"):
 SHORT_STEP_ROWS = [1, 2, 5, 5, 20]  # the rows of _steps' steps that hold no prompt chunk
 
 
-def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
+def _steps(model, fused: bool, kv_cache_dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], int]:
     """Prompts, then decode rows, several short queries at once (drafts to verify), a step mixing a prompt
     chunk with a decode, and 20 short rows of three requests, through a fresh cache: each step's logits,
     and the stack's call count."""
     stack = CountingStack(model.decode_stack)
     model.decode_stack = stack if fused else None
     try:
-        runner = ModelRunner(model, num_blocks=64, block_size=4)
+        runner = ModelRunner(model, num_blocks=64, block_size=4, kv_cache_dtype=kv_cache_dtype)
         gen = torch.Generator().manual_seed(0)
         a, b, c = (torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (37, 26, 18))
         tables = [list(range(0, 12)), list(range(20, 32)), list(range(40, 48))]
@@ -61,12 +61,13 @@ def _steps(model, fused: bool) -> tuple[list[torch.Tensor], int]:
         model.decode_stack = stack.stack
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_stack_equals_the_layer_by_layer_path(arch, tiny_llama_dir, tiny_qwen2_dir):
+@pytest.mark.parametrize("arch, kv_cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),
+                                                  ("llama", torch.float16)])  # qwen2: q/k/v biases
+def test_stack_equals_the_layer_by_layer_path(arch, kv_cache_dtype, tiny_llama_dir, tiny_qwen2_dir):
     model = _gguf_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
     assert model.decode_stack.max_rows == cpu_quant.max_rows("q4_1")
-    fused, calls = _steps(model, fused=True)
-    plain, no_calls = _steps(model, fused=False)
+    fused, calls = _steps(model, True, kv_cache_dtype)
+    plain, no_calls = _steps(model, False, kv_cache_dtype)
     assert no_calls == 0 and calls == sum(rows <= model.decode_stack.max_rows for rows in SHORT_STEP_ROWS) >= 4
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams
+from engine.config import DTYPE_NAMES
+from engine.kv_cache import resolve_kv_cache_dtype
 from engine import linear
 from engine.linear import Linear
-from engine.loader import PASSES_QUALITY_GATE, load_model, resolve_quantization
-from tests.helpers import prompt_logits
+from engine.loader import PASSES_QUALITY_GATE, resolve_quantization
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about autumn leaves.", "Explain what a linked list is.",
@@ -121,10 +122,27 @@ def test_quantization_choices():
         resolve_quantization("int4", "cpu")
 
 
-def _perplexity(quantization: str, ids: list[int]) -> float:
-    logits = prompt_logits(load_model("smollm2", quantization=quantization).model, ids)
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
-    return math.exp(nll.item())
+def test_kv_cache_dtype_choices(tiny_llama_dir):
+    cpu = torch.device("cpu")
+    assert resolve_kv_cache_dtype("auto", torch.float32, "gguf", cpu) == torch.float16  # as llama.cpp
+    assert resolve_kv_cache_dtype("auto", torch.float32, "none", cpu) == torch.float32  # exact stays exact
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, "none", torch.device("cuda")) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp32", torch.float32, "gguf", cpu) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for dtype in ("fp32", "fp16"):
+        llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, block_size=4, quantization="none", kv_cache_dtype=dtype)
+        assert {t.dtype for kv in llm.engine.runner.kv_caches for t in kv} == {DTYPE_NAMES[dtype]}
+        outs[dtype] = llm.generate([[5, 9, 14, 3, 22]], params)[0].outputs[0].token_ids
+    assert outs["fp16"] == outs["fp32"]  # a tiny model: fp16 rounding of K and V moves no argmax
+
+
+def _perplexity(llm: LLM, ids: list[int]) -> float:
+    """Of the text `ids` as the engine scores it (prompt logprobs): the weights and the KV cache as served."""
+    out = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    return math.exp(-sum(p.logprob for p in out.prompt_logprobs[1:]) / (len(ids) - 1))
 
 
 def _gate(fmt: str) -> tuple[float, float, float]:
@@ -134,12 +152,14 @@ def _gate(fmt: str) -> tuple[float, float, float]:
     exact = LLM("smollm2", quantization="none", kv_cache_memory=128 << 20)
     ids = exact.get_tokenizer().encode(TEXT)
     ref = [o.outputs[0].token_ids for o in exact.chat(chats, params)]
+    ppl_exact = _perplexity(exact, ids)
     del exact
     fast = LLM("smollm2", quantization=fmt, kv_cache_memory=128 << 20)
     got = [o.outputs[0].token_ids for o in fast.chat(chats, params)]
+    ppl_fast = _perplexity(fast, ids)
     del fast
     agree = sum(a == b for a, b in zip(ref, got)) / len(ref)
-    return agree, _perplexity("none", ids), _perplexity(fmt, ids)
+    return agree, ppl_exact, ppl_fast
 
 
 @pytest.mark.slow
