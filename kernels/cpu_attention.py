@@ -36,6 +36,21 @@ static inline v8f reduce8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6
     return SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+/* max of row[0:n], n >= 1: eight lanes at a time (a scalar loop was one max per FMA latency, a tenth of the kernel) */
+static inline float row_max(const float *row, int64_t n) {
+    const v8f lowest = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8f m = lowest;
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+        const v8f x = load8(row + s);
+        m = (v8f)(((v8i)x & (x > m)) | ((v8i)m & ~(x > m)));
+    }
+    float mx = m[0];
+    for (int l = 1; l < 8; ++l) mx = m[l] > mx ? m[l] : mx;
+    for (; s < n; ++s) mx = row[s] > mx ? row[s] : mx;
+    return mx;
+}
+
 /* Blocks sit anywhere in the pool, and the hardware prefetcher stops at page edges: the next block is
    fetched a few lines at a time while this one is computed on (a burst of the whole block at once
    crowded out the current block's own loads). */
@@ -51,19 +66,20 @@ static inline void prefetch_lines(prefetcher *p, int lines) {
 }
 """
 
-# The kernel over a cache of KV_T elements, read as fp32 vectors by KV_LOAD8; KV(name) names its functions.
+# The kernel over a cache of KV_T elements, read as fp32 vectors (KV(load8), KV(load16)); KV(name) names
+# its functions.
 _KERNEL = r"""
 /* Four independent accumulators: one would chain every FMA on the last one's latency. */
 static inline float KV(dot)(const float *a, const KV_T *b, int64_t D) {
     v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t d = 0;
     for (; d + 32 <= D; d += 32) {
-        s0 += load8(a + d) * KV_LOAD8(b + d);
-        s1 += load8(a + d + 8) * KV_LOAD8(b + d + 8);
-        s2 += load8(a + d + 16) * KV_LOAD8(b + d + 16);
-        s3 += load8(a + d + 24) * KV_LOAD8(b + d + 24);
+        s0 += load8(a + d) * KV(load8)(b + d);
+        s1 += load8(a + d + 8) * KV(load8)(b + d + 8);
+        s2 += load8(a + d + 16) * KV(load8)(b + d + 16);
+        s3 += load8(a + d + 24) * KV(load8)(b + d + 24);
     }
-    for (; d + 8 <= D; d += 8) s0 += load8(a + d) * KV_LOAD8(b + d);
+    for (; d + 8 <= D; d += 8) s0 += load8(a + d) * KV(load8)(b + d);
     const v8f s = (s0 + s1) + (s2 + s3);
     float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     for (; d < D; ++d) r += a[d] * (float)b[d];
@@ -72,13 +88,27 @@ static inline float KV(dot)(const float *a, const KV_T *b, int64_t D) {
 
 /* Eight dots at once, q against the rows k + r * stride (r < 8). D % 8 == 0. */
 static inline v8f KV(dot8)(const float *q, const KV_T *k, int64_t stride, int64_t D) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {  /* half the instructions; each row's two halves summed before the shared reduction */
+        v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        for (int64_t d = 0; d < D; d += 16) {
+            const v16f x = load16_f32(q + d);
+            a0 += x * KV(load16)(k + d);              a1 += x * KV(load16)(k + stride + d);
+            a2 += x * KV(load16)(k + 2 * stride + d); a3 += x * KV(load16)(k + 3 * stride + d);
+            a4 += x * KV(load16)(k + 4 * stride + d); a5 += x * KV(load16)(k + 5 * stride + d);
+            a6 += x * KV(load16)(k + 6 * stride + d); a7 += x * KV(load16)(k + 7 * stride + d);
+        }
+        return reduce8(halves(a0), halves(a1), halves(a2), halves(a3), halves(a4), halves(a5), halves(a6),
+                       halves(a7));
+    }
+#endif
     v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
     for (int64_t d = 0; d < D; d += 8) {
         const v8f x = load8(q + d);
-        a0 += x * KV_LOAD8(k + d);              a1 += x * KV_LOAD8(k + stride + d);
-        a2 += x * KV_LOAD8(k + 2 * stride + d); a3 += x * KV_LOAD8(k + 3 * stride + d);
-        a4 += x * KV_LOAD8(k + 4 * stride + d); a5 += x * KV_LOAD8(k + 5 * stride + d);
-        a6 += x * KV_LOAD8(k + 6 * stride + d); a7 += x * KV_LOAD8(k + 7 * stride + d);
+        a0 += x * KV(load8)(k + d);              a1 += x * KV(load8)(k + stride + d);
+        a2 += x * KV(load8)(k + 2 * stride + d); a3 += x * KV(load8)(k + 3 * stride + d);
+        a4 += x * KV(load8)(k + 4 * stride + d); a5 += x * KV(load8)(k + 5 * stride + d);
+        a6 += x * KV(load8)(k + 6 * stride + d); a7 += x * KV(load8)(k + 7 * stride + d);
     }
     return reduce8(a0, a1, a2, a3, a4, a5, a6, a7);
 }
@@ -86,14 +116,52 @@ static inline v8f KV(dot8)(const float *q, const KV_T *k, int64_t stride, int64_
 /* o[0:D] += sum over j < n of p[j] * v[j * vstride : + D], o held in registers. D % 32 == 0. */
 static inline void KV(add_weighted_rows)(float *o, const float *p, const KV_T *v, int64_t vstride, int64_t n,
                                          int64_t D) {
+#if defined(__AVX512F__)
+    if (D % 64 == 0) {
+        for (int64_t d = 0; d < D; d += 64) {
+            v16f a0 = load16_f32(o + d), a1 = load16_f32(o + d + 16), a2 = load16_f32(o + d + 32);
+            v16f a3 = load16_f32(o + d + 48), b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            int64_t j = 0;
+            for (; j + 2 <= n; j += 2) {  /* two positions a round, into two sets: half the FMA latency chain */
+                const KV_T *vr = v + j * vstride + d, *wr = vr + vstride;
+                const float pj = p[j], qj = p[j + 1];
+                a0 += pj * KV(load16)(vr); a1 += pj * KV(load16)(vr + 16);
+                a2 += pj * KV(load16)(vr + 32); a3 += pj * KV(load16)(vr + 48);
+                b0 += qj * KV(load16)(wr); b1 += qj * KV(load16)(wr + 16);
+                b2 += qj * KV(load16)(wr + 32); b3 += qj * KV(load16)(wr + 48);
+            }
+            if (j < n) {
+                const KV_T *vr = v + j * vstride + d;
+                const float pj = p[j];
+                a0 += pj * KV(load16)(vr); a1 += pj * KV(load16)(vr + 16);
+                a2 += pj * KV(load16)(vr + 32); a3 += pj * KV(load16)(vr + 48);
+            }
+            a0 += b0; a1 += b1; a2 += b2; a3 += b3;
+            memcpy(o + d, &a0, sizeof a0); memcpy(o + d + 16, &a1, sizeof a1);
+            memcpy(o + d + 32, &a2, sizeof a2); memcpy(o + d + 48, &a3, sizeof a3);
+        }
+        return;
+    }
+#endif
     for (int64_t d = 0; d < D; d += 32) {
         v8f a0 = load8(o + d), a1 = load8(o + d + 8), a2 = load8(o + d + 16), a3 = load8(o + d + 24);
-        for (int64_t j = 0; j < n; ++j) {
+        v8f b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const KV_T *vr = v + j * vstride + d, *wr = vr + vstride;
+            const float pj = p[j], qj = p[j + 1];
+            a0 += pj * KV(load8)(vr); a1 += pj * KV(load8)(vr + 8);
+            a2 += pj * KV(load8)(vr + 16); a3 += pj * KV(load8)(vr + 24);
+            b0 += qj * KV(load8)(wr); b1 += qj * KV(load8)(wr + 8);
+            b2 += qj * KV(load8)(wr + 16); b3 += qj * KV(load8)(wr + 24);
+        }
+        if (j < n) {
             const KV_T *vr = v + j * vstride + d;
             const float pj = p[j];
-            a0 += pj * KV_LOAD8(vr); a1 += pj * KV_LOAD8(vr + 8);
-            a2 += pj * KV_LOAD8(vr + 16); a3 += pj * KV_LOAD8(vr + 24);
+            a0 += pj * KV(load8)(vr); a1 += pj * KV(load8)(vr + 8);
+            a2 += pj * KV(load8)(vr + 16); a3 += pj * KV(load8)(vr + 24);
         }
+        a0 += b0; a1 += b1; a2 += b2; a3 += b3;
         memcpy(o + d, &a0, sizeof a0); memcpy(o + d + 8, &a1, sizeof a1);
         memcpy(o + d + 16, &a2, sizeof a2); memcpy(o + d + 24, &a3, sizeof a3);
     }
@@ -158,8 +226,8 @@ void KV(paged_attention)(const float *q, int64_t qs0, int64_t qs1, const KV_T *k
             for (int64_t h = 0; h < H; ++h) {
                 prefetch_lines(&first_v, v_lines);
                 const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
-                float *row = sc + (i * H + h) * S, mx = -INFINITY;
-                for (int64_t s = 0; s < len; ++s) mx = row[s] > mx ? row[s] : mx;
+                float *row = sc + (i * H + h) * S;
+                const float mx = row_max(row, len);
                 v8f acc = {0};
                 for (int64_t s = 0; s < len; s += 8) {
                     const int64_t n = len - s < 8 ? len - s : 8;
@@ -205,8 +273,8 @@ void KV(paged_attention)(const float *q, int64_t qs0, int64_t qs1, const KV_T *k
 
 # fp16 caches where the compiler has _Float16 (GCC 12+, clang 15+ on x86-64): half the bytes to read per
 # step, converted to fp32 in registers (one instruction per 8 values with F16C, on every AVX2 CPU).
-C_BODY = (_COMMON + cpu_build.kv_variant("float", "load8", "f32", _KERNEL)
-          + "#if defined(__FLT16_MAX__)\n" + cpu_build.kv_variant("_Float16", "load8_f16", "f16", _KERNEL)
+C_BODY = (_COMMON + cpu_build.kv_variant("float", "f32", _KERNEL)
+          + "#if defined(__FLT16_MAX__)\n" + cpu_build.kv_variant("_Float16", "f16", _KERNEL)
           + "#endif\n")
 
 _SOURCE = cpu_build.PRELUDE + C_BODY

@@ -70,6 +70,19 @@ static inline v8f exp8(v8f x) {
     return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
+/* Reading KV cache elements as fp32 vectors: load8_<type> (8 lanes), and load16_<type> where the CPU has
+   16-lane vectors (AVX-512), for fp32 and, where the compiler has _Float16, fp16. */
+static inline v8f load8_f32(const float *p) { return load8(p); }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef float v16f __attribute__((vector_size(64)));
+static inline v16f load16_f32(const float *p) { v16f r; memcpy(&r, p, sizeof r); return r; }
+/* the sum of a's two 8-lane halves */
+static inline v8f halves(v16f a) {  /* intrinsics: a memcpy of a's halves kept every accumulator on the stack */
+    const __m512 x = (__m512)a;
+    return (v8f)_mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+#endif
 #if defined(__FLT16_MAX__)
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -78,15 +91,17 @@ static inline v8f load8_f16(const _Float16 *p) { return (v8f)_mm256_cvtph_ps(_mm
 typedef _Float16 v8h __attribute__((vector_size(16)));
 static inline v8f load8_f16(const _Float16 *p) { v8h r; memcpy(&r, p, sizeof r); return __builtin_convertvector(r, v8f); }
 #endif
+#if defined(__AVX512F__)
+static inline v16f load16_f16(const _Float16 *p) { return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#endif
 #endif
 """
 
 
-def kv_variant(element: str, load8: str, suffix: str, body: str) -> str:
-    """`body` for KV caches of C type `element`: it names the type KV_T, reads 8 of them as fp32 with
-    KV_LOAD8 and names its functions KV(name), which become name_<suffix>."""
-    return (f"#define KV_T {element}\n#define KV_LOAD8 {load8}\n#define KV(name) name##_{suffix}\n{body}"
-            "#undef KV_T\n#undef KV_LOAD8\n#undef KV\n")
+def kv_variant(element: str, suffix: str, body: str) -> str:
+    """`body` for KV caches of C type `element`: it names the type KV_T and its functions KV(name), which become
+    name_<suffix>; KV(load8) and KV(load16) are the prelude's readers for the type."""
+    return f"#define KV_T {element}\n#define KV(name) name##_{suffix}\n{body}#undef KV_T\n#undef KV\n"
 
 
 def load(name: str, source: str) -> ctypes.CDLL | None:

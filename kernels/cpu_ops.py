@@ -142,8 +142,8 @@ void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_
 }
 """
 
-C_BODY = (_OPS + cpu_build.kv_variant("float", "load8", "f32", _ROPE_WRITE_KV)
-          + "#if defined(__FLT16_MAX__)\n" + cpu_build.kv_variant("_Float16", "load8_f16", "f16", _ROPE_WRITE_KV)
+C_BODY = (_OPS + cpu_build.kv_variant("float", "f32", _ROPE_WRITE_KV)
+          + "#if defined(__FLT16_MAX__)\n" + cpu_build.kv_variant("_Float16", "f16", _ROPE_WRITE_KV)
           + "#endif\n" + _INT8_AND_ARGMAX)
 
 _SOURCE = cpu_build.PRELUDE + C_BODY
