@@ -66,7 +66,7 @@ static inline void prefetch_lines(prefetcher *p, int lines) {
 }
 """
 
-# The kernel over a cache of KV_T elements, read as fp32 vectors (KV(load8), KV(load16)); KV(name) names
+# The kernel over a cache of KV_T elements, read as fp32 vectors (KV(load8), KV(loadv)); KV(name) names
 # its functions.
 _KERNEL = r"""
 /* Four independent accumulators: one would chain every FMA on the last one's latency. */
@@ -86,84 +86,44 @@ static inline float KV(dot)(const float *a, const KV_T *b, int64_t D) {
     return r;
 }
 
-/* Eight dots at once, q against the rows k + r * stride (r < 8). D % 8 == 0. */
+/* Eight dots at once, q against the rows k + r * stride (r < 8). D % VLANES == 0. */
 static inline v8f KV(dot8)(const float *q, const KV_T *k, int64_t stride, int64_t D) {
-#if defined(__AVX512F__)
-    if (D % 16 == 0) {  /* half the instructions; each row's two halves summed before the shared reduction */
-        v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-        for (int64_t d = 0; d < D; d += 16) {
-            const v16f x = load16_f32(q + d);
-            a0 += x * KV(load16)(k + d);              a1 += x * KV(load16)(k + stride + d);
-            a2 += x * KV(load16)(k + 2 * stride + d); a3 += x * KV(load16)(k + 3 * stride + d);
-            a4 += x * KV(load16)(k + 4 * stride + d); a5 += x * KV(load16)(k + 5 * stride + d);
-            a6 += x * KV(load16)(k + 6 * stride + d); a7 += x * KV(load16)(k + 7 * stride + d);
-        }
-        return reduce8(halves(a0), halves(a1), halves(a2), halves(a3), halves(a4), halves(a5), halves(a6),
-                       halves(a7));
+    vecf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    for (int64_t d = 0; d < D; d += VLANES) {
+        const vecf x = loadv(q + d);
+        a0 += x * KV(loadv)(k + d);              a1 += x * KV(loadv)(k + stride + d);
+        a2 += x * KV(loadv)(k + 2 * stride + d); a3 += x * KV(loadv)(k + 3 * stride + d);
+        a4 += x * KV(loadv)(k + 4 * stride + d); a5 += x * KV(loadv)(k + 5 * stride + d);
+        a6 += x * KV(loadv)(k + 6 * stride + d); a7 += x * KV(loadv)(k + 7 * stride + d);
     }
-#endif
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-    for (int64_t d = 0; d < D; d += 8) {
-        const v8f x = load8(q + d);
-        a0 += x * KV(load8)(k + d);              a1 += x * KV(load8)(k + stride + d);
-        a2 += x * KV(load8)(k + 2 * stride + d); a3 += x * KV(load8)(k + 3 * stride + d);
-        a4 += x * KV(load8)(k + 4 * stride + d); a5 += x * KV(load8)(k + 5 * stride + d);
-        a6 += x * KV(load8)(k + 6 * stride + d); a7 += x * KV(load8)(k + 7 * stride + d);
-    }
-    return reduce8(a0, a1, a2, a3, a4, a5, a6, a7);
+    return reduce8(to8(a0), to8(a1), to8(a2), to8(a3), to8(a4), to8(a5), to8(a6), to8(a7));
 }
 
-/* o[0:D] += sum over j < n of p[j] * v[j * vstride : + D], o held in registers. D % 32 == 0. */
+/* o[0:D] += sum over j < n of p[j] * v[j * vstride : + D], o held in registers. D % (4 VLANES) == 0. */
 static inline void KV(add_weighted_rows)(float *o, const float *p, const KV_T *v, int64_t vstride, int64_t n,
                                          int64_t D) {
-#if defined(__AVX512F__)
-    if (D % 64 == 0) {
-        for (int64_t d = 0; d < D; d += 64) {
-            v16f a0 = load16_f32(o + d), a1 = load16_f32(o + d + 16), a2 = load16_f32(o + d + 32);
-            v16f a3 = load16_f32(o + d + 48), b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-            int64_t j = 0;
-            for (; j + 2 <= n; j += 2) {  /* two positions a round, into two sets: half the FMA latency chain */
-                const KV_T *vr = v + j * vstride + d, *wr = vr + vstride;
-                const float pj = p[j], qj = p[j + 1];
-                a0 += pj * KV(load16)(vr); a1 += pj * KV(load16)(vr + 16);
-                a2 += pj * KV(load16)(vr + 32); a3 += pj * KV(load16)(vr + 48);
-                b0 += qj * KV(load16)(wr); b1 += qj * KV(load16)(wr + 16);
-                b2 += qj * KV(load16)(wr + 32); b3 += qj * KV(load16)(wr + 48);
-            }
-            if (j < n) {
-                const KV_T *vr = v + j * vstride + d;
-                const float pj = p[j];
-                a0 += pj * KV(load16)(vr); a1 += pj * KV(load16)(vr + 16);
-                a2 += pj * KV(load16)(vr + 32); a3 += pj * KV(load16)(vr + 48);
-            }
-            a0 += b0; a1 += b1; a2 += b2; a3 += b3;
-            memcpy(o + d, &a0, sizeof a0); memcpy(o + d + 16, &a1, sizeof a1);
-            memcpy(o + d + 32, &a2, sizeof a2); memcpy(o + d + 48, &a3, sizeof a3);
-        }
-        return;
-    }
-#endif
-    for (int64_t d = 0; d < D; d += 32) {
-        v8f a0 = load8(o + d), a1 = load8(o + d + 8), a2 = load8(o + d + 16), a3 = load8(o + d + 24);
-        v8f b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    const int64_t W = VLANES;
+    for (int64_t d = 0; d < D; d += 4 * W) {
+        vecf a0 = loadv(o + d), a1 = loadv(o + d + W), a2 = loadv(o + d + 2 * W), a3 = loadv(o + d + 3 * W);
+        vecf b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
         int64_t j = 0;
-        for (; j + 2 <= n; j += 2) {
+        for (; j + 2 <= n; j += 2) {  /* two positions a round, into two sets: half the FMA latency chain */
             const KV_T *vr = v + j * vstride + d, *wr = vr + vstride;
             const float pj = p[j], qj = p[j + 1];
-            a0 += pj * KV(load8)(vr); a1 += pj * KV(load8)(vr + 8);
-            a2 += pj * KV(load8)(vr + 16); a3 += pj * KV(load8)(vr + 24);
-            b0 += qj * KV(load8)(wr); b1 += qj * KV(load8)(wr + 8);
-            b2 += qj * KV(load8)(wr + 16); b3 += qj * KV(load8)(wr + 24);
+            a0 += pj * KV(loadv)(vr); a1 += pj * KV(loadv)(vr + W);
+            a2 += pj * KV(loadv)(vr + 2 * W); a3 += pj * KV(loadv)(vr + 3 * W);
+            b0 += qj * KV(loadv)(wr); b1 += qj * KV(loadv)(wr + W);
+            b2 += qj * KV(loadv)(wr + 2 * W); b3 += qj * KV(loadv)(wr + 3 * W);
         }
         if (j < n) {
             const KV_T *vr = v + j * vstride + d;
             const float pj = p[j];
-            a0 += pj * KV(load8)(vr); a1 += pj * KV(load8)(vr + 8);
-            a2 += pj * KV(load8)(vr + 16); a3 += pj * KV(load8)(vr + 24);
+            a0 += pj * KV(loadv)(vr); a1 += pj * KV(loadv)(vr + W);
+            a2 += pj * KV(loadv)(vr + 2 * W); a3 += pj * KV(loadv)(vr + 3 * W);
         }
         a0 += b0; a1 += b1; a2 += b2; a3 += b3;
-        memcpy(o + d, &a0, sizeof a0); memcpy(o + d + 8, &a1, sizeof a1);
-        memcpy(o + d + 16, &a2, sizeof a2); memcpy(o + d + 24, &a3, sizeof a3);
+        memcpy(o + d, &a0, sizeof a0); memcpy(o + d + W, &a1, sizeof a1);
+        memcpy(o + d + 2 * W, &a2, sizeof a2); memcpy(o + d + 3 * W, &a3, sizeof a3);
     }
 }
 
@@ -198,7 +158,7 @@ void KV(paged_attention)(const float *q, int64_t qs0, int64_t qs1, const KV_T *k
             const int64_t n = S - s0 < BS ? S - s0 : BS;
             prefetcher pf = KV(prefetch_next)(k, tables + b * mb, s0, S, BS, KVH * D);
             int64_t j = 0;
-            if (D % 8 == 0)  /* groups of eight positions; a row may get scores past its last one: never read */
+            if (D % VLANES == 0)  /* groups of eight positions; a row may get scores past its last one: never read */
                 for (; j + 8 <= n; j += 8)
                     for (int64_t i = s0 + j > first ? s0 + j - first : 0; i < L; ++i) {
                         const float *qi = q + (qstart[b] + i) * qs0;
@@ -252,7 +212,7 @@ void KV(paged_attention)(const float *q, int64_t qs0, int64_t qs1, const KV_T *k
                 for (int64_t h = 0; h < H; ++h) {
                     const KV_T *vh = vb + (h / G) * D;
                     float *o = oi + h * D;
-                    if (D % 32 == 0) {
+                    if (D % (4 * VLANES) == 0) {
                         KV(add_weighted_rows)(o, si + h * S, vh, KVH * D, seen, D);
                         prefetch_lines(&pf, v_lines);
                         continue;

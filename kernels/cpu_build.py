@@ -70,19 +70,25 @@ static inline v8f exp8(v8f x) {
     return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
-/* Reading KV cache elements as fp32 vectors: load8_<type> (8 lanes), and load16_<type> where the CPU has
-   16-lane vectors (AVX-512), for fp32 and, where the compiler has _Float16, fp16. */
-static inline v8f load8_f32(const float *p) { return load8(p); }
+/* vecf: the widest vectors the CPU has, VLANES fp32 lanes (16 with AVX-512, else 8); to8 sums one to 8 lanes.
+   Reading KV cache elements as fp32 vectors: load8_<type> (8 lanes) and loadv_<type> (VLANES), for fp32
+   and, where the compiler has _Float16, fp16. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-typedef float v16f __attribute__((vector_size(64)));
-static inline v16f load16_f32(const float *p) { v16f r; memcpy(&r, p, sizeof r); return r; }
-/* the sum of a's two 8-lane halves */
-static inline v8f halves(v16f a) {  /* intrinsics: a memcpy of a's halves kept every accumulator on the stack */
+#define VLANES 16
+typedef float vecf __attribute__((vector_size(64)));
+static inline v8f to8(vecf a) {  /* intrinsics: a memcpy of a's halves kept every accumulator on the stack */
     const __m512 x = (__m512)a;
     return (v8f)_mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
 }
+#else
+#define VLANES 8
+typedef v8f vecf;
+static inline v8f to8(vecf a) { return a; }
 #endif
+static inline vecf loadv(const float *p) { vecf r; memcpy(&r, p, sizeof r); return r; }
+static inline v8f load8_f32(const float *p) { return load8(p); }
+static inline vecf loadv_f32(const float *p) { return loadv(p); }
 #if defined(__FLT16_MAX__)
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -92,7 +98,9 @@ typedef _Float16 v8h __attribute__((vector_size(16)));
 static inline v8f load8_f16(const _Float16 *p) { v8h r; memcpy(&r, p, sizeof r); return __builtin_convertvector(r, v8f); }
 #endif
 #if defined(__AVX512F__)
-static inline v16f load16_f16(const _Float16 *p) { return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vecf loadv_f16(const _Float16 *p) { return (vecf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#else
+static inline vecf loadv_f16(const _Float16 *p) { return load8_f16(p); }
 #endif
 #endif
 """
@@ -100,7 +108,7 @@ static inline v16f load16_f16(const _Float16 *p) { return (v16f)_mm512_cvtph_ps(
 
 def kv_variant(element: str, suffix: str, body: str) -> str:
     """`body` for KV caches of C type `element`: it names the type KV_T and its functions KV(name), which become
-    name_<suffix>; KV(load8) and KV(load16) are the prelude's readers for the type."""
+    name_<suffix>; KV(load8) and KV(loadv) are the prelude's readers for the type."""
     return f"#define KV_T {element}\n#define KV(name) name##_{suffix}\n{body}#undef KV_T\n#undef KV\n"
 
 
