@@ -88,7 +88,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "auto"  # fp32 on CPU, the checkpoint's dtype on CUDA
     quantization: str = "auto"  # "none" (exact), "fp16", "int8", "gguf"; auto: fastest gated CPU format
-    kv_cache_dtype: str = "auto"  # a DTYPES name; auto: fp16 for gguf weights on CPU, else the model's dtype
+    kv_cache_dtype: str = "auto"  # a DTYPES name; auto: fp16 on CPU for fp16 / gguf weights, else the model's
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when given
     kv_cache_memory: int | None = None  # bytes; None = a fraction of free memory

@@ -60,8 +60,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "quality gate (gguf for GGUF checkpoints, else fp16); none: exact fp32; on GPU auto is "
                         "the model dtype")
     g.add_argument("--kv-cache-dtype", default="auto", choices=DTYPES,
-                   help="KV cache element type; auto: fp16 with gguf weights on CPU (as llama.cpp), else the "
-                        "model's dtype")
+                   help="KV cache element type; auto: fp16 on CPU with fp16 or gguf weights (as llama.cpp), "
+                        "else the model's dtype")
     g.add_argument("--block-size", type=_positive, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=_size, default=None,
                    help="KV cache budget, e.g. 2G or 512M (default: a quarter of free memory, at most 2G on CPU)")

@@ -124,7 +124,9 @@ def test_quantization_choices():
 
 def test_kv_cache_dtype_choices(tiny_llama_dir):
     cpu = torch.device("cpu")
-    assert resolve_kv_cache_dtype("auto", torch.float32, "gguf", cpu) == torch.float16  # as llama.cpp
+    for fmt in ("gguf", "fp16"):
+        assert resolve_kv_cache_dtype("auto", torch.float32, fmt, cpu) == torch.float16  # as llama.cpp
+    assert resolve_kv_cache_dtype("auto", torch.float32, "int8", cpu) == torch.float32  # worse with it
     assert resolve_kv_cache_dtype("auto", torch.float32, "none", cpu) == torch.float32  # exact stays exact
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, "none", torch.device("cuda")) == torch.bfloat16
     assert resolve_kv_cache_dtype("fp32", torch.float32, "gguf", cpu) == torch.float32
