@@ -4,9 +4,10 @@
     python benchmarks/serve.py --url ... --rate 2.0 --requests 64       # open loop, Poisson arrivals
     python benchmarks/serve.py --gateway-cost [--quantization auto]    # Sluice: gateway vs offline engine
 
---gateway-cost starts `sluice serve` on a free port, runs the load through HTTP, stops it, then runs the
-same requests (same prompts, chat template, max_tokens, concurrency) through the offline AsyncEngine in
-this process, and prints both with the gateway's cost in output tokens/s.
+--gateway-cost starts `sluice serve` on a free port and an offline AsyncEngine in this process, runs the load
+through HTTP and the same requests (same prompts, chat template, max_tokens, concurrency) through the offline
+engine, alternating for --rounds rounds, and prints both with the gateway's cost in output tokens/s (the median
+over the paired rounds).
 
 Streams chat completions and times every chunk: TTFT, time per output token (after the first),
 inter-token latency, request and output-token throughput. Output tokens come from the server's
@@ -22,6 +23,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -129,13 +131,26 @@ async def one_offline(engine, args, prompt: str) -> Result:
     return res
 
 
-async def run_offline(args) -> tuple[list[Result], float]:
+async def gateway_rounds(args) -> list[tuple[float, float]]:
+    """(served, offline) output tokens/s per round: the same load through `sluice serve` at args.url and through
+    an AsyncEngine in this process, both loaded for the whole run, in alternating order. This box swings
+    between fast and slow phases (a 32-stream step takes ~60 or ~80 ms for minutes at a time), so one
+    served run against one offline run read anywhere from +2% to +15%; paired rounds cancel most of that."""
     from engine import EngineConfig
     from engine.async_engine import AsyncEngine
 
     config = EngineConfig(model=args.model, quantization=args.quantization, max_num_seqs=max(args.concurrency, 1))
+    pairs = []
     async with AsyncEngine.from_config(config) as engine:
-        return await drive(args, lambda p: one_offline(engine, args, p))
+        for r in range(args.rounds):
+            runs = {}
+            for how in (("served", "offline") if r % 2 == 0 else ("offline", "served")):
+                results = await (run(args) if how == "served" else
+                                 drive(args, lambda p: one_offline(engine, args, p)))
+                runs[how] = report(f"round {r + 1}, {'sluice serve' if how == 'served' else 'offline AsyncEngine'}",
+                                   args, *results)
+            pairs.append((runs["served"], runs["offline"]))
+    return pairs
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,16 +171,20 @@ def main() -> None:
     ap.add_argument("--gateway-cost", action="store_true",
                     help="start `sluice serve`, then run the same load offline, and compare")
     ap.add_argument("--quantization", default="auto", help="with --gateway-cost: Sluice's weight format")
+    ap.add_argument("--rounds", type=int, default=3, help="with --gateway-cost: paired served / offline rounds")
     args = ap.parse_args()
     if not args.gateway_cost:
         report(args.url, args, *asyncio.run(run(args)))
         return
     with sluice_server(args) as url:
         args.url = url
-        served = report(url, args, *asyncio.run(run(args)))
-    offline = report("offline AsyncEngine", args, *asyncio.run(run_offline(args)))
-    print(f"\ngateway cost: {100 * (1 - served / offline):+.1f}% output tokens/s "
-          f"(served {served:.1f}, offline {offline:.1f})")
+        pairs = asyncio.run(gateway_rounds(args))
+    costs = [1 - served / offline for served, offline in pairs]
+    print("\n" + "\n".join(f"round {r + 1}: served {served:.1f}, offline {offline:.1f} output tokens/s, gateway cost "
+                            f"{100 * c:+.1f}%" for r, ((served, offline), c) in enumerate(zip(pairs, costs))))
+    print(f"gateway cost: {100 * statistics.median(costs):+.1f}% output tokens/s (median of {len(pairs)} paired "
+          f"rounds; served {statistics.median(p[0] for p in pairs):.1f}, offline "
+          f"{statistics.median(p[1] for p in pairs):.1f})")
 
 
 def report(where: str, args, results: list[Result], seconds: float) -> float:
