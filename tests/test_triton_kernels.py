@@ -30,12 +30,14 @@ SCALE = 0.3
 
 def _attention(seq_lens: list[int], q_lens: list[int], block_size: int = 4, head_dim: int = 16,
                heads: int = 4, kv_heads: int = 2, dtype: torch.dtype = torch.float32,
-               strided_q: bool = False) -> None:
+               strided_q: bool = False, cache_dtype: torch.dtype | None = None) -> None:
     from kernels.triton_attention import triton_paged_attention
 
     case = random_paged_case(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, DEVICE, dtype,
                              seed=sum(seq_lens) + block_size + head_dim)
     q, k_cache, v_cache, meta = case.q, case.k_cache, case.v_cache, case.meta
+    if cache_dtype is not None:  # a narrower cache than the queries (--kv-cache-dtype)
+        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     if strided_q:  # as when q is a slice of a fused qkv projection
         q = torch.cat([q, torch.zeros_like(q)], dim=1)[:, :heads]
     got = triton_paged_attention(q, k_cache, v_cache, meta, SCALE)
@@ -104,6 +106,7 @@ CASES: dict[str, Callable[[], None]] = {
     "decode-block-size-3": _decode([7, 3, 10], block_size=3),
     "decode-strided-q": _decode([6, 13], strided_q=True),
     "decode-fp16": _decode([20, 3, 41], block_size=16, dtype=torch.float16),
+    "decode-fp32-over-fp16-cache": _decode([20, 3, 41], block_size=16, cache_dtype=torch.float16),
     "prefill-full-prompts": _prefill([5, 17, 9], [5, 17, 9]),
     "prefill-cached-prefix": _prefill([12, 30, 9], [3, 7, 9], block_size=16, head_dim=32),
     "prefill-mixed-with-decode": _prefill([8, 21, 5, 13], [1, 6, 1, 13]),
@@ -111,6 +114,7 @@ CASES: dict[str, Callable[[], None]] = {
     "prefill-mqa-block-size-3": _prefill([10, 14], [4, 14], block_size=3, heads=8, kv_heads=1),
     "prefill-strided-q": _prefill([11, 6], [5, 6], strided_q=True),
     "prefill-fp16": _prefill([40, 19], [12, 19], block_size=16, dtype=torch.float16),
+    "prefill-fp32-over-fp16-cache": _prefill([40, 19], [12, 19], block_size=16, cache_dtype=torch.float16),
 }
 
 
