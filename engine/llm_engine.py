@@ -64,8 +64,8 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than max_model_len "
                              f"{wanted}: raise --kv-cache-memory or lower --max-model-len")
         self.max_model_len = min(wanted or model_len, num_blocks * config.block_size)
-        log.info("KV cache: %d blocks = %d tokens (block size %d)", num_blocks, num_blocks * config.block_size,
-                 config.block_size)
+        log.info("KV cache: %d blocks = %d tokens (block size %d, %s)", num_blocks, num_blocks * config.block_size,
+                 config.block_size, str(self.kv_cache_dtype).removeprefix("torch."))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         lookahead = proposer.num_speculative_tokens if isinstance(proposer, FeatureProposer) else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
