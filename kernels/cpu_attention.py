@@ -36,7 +36,7 @@ static inline v8f reduce8(v8f a0, v8f a1, v8f a2, v8f a3, v8f a4, v8f a5, v8f a6
     return SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* max of row[0:n], n >= 1: eight lanes at a time (a scalar loop was one max per FMA latency, a tenth of the kernel) */
+/* max of row[0:n], n >= 1, eight lanes at a time: a scalar loop waited on each max's latency, a tenth of the kernel */
 static inline float row_max(const float *row, int64_t n) {
     const v8f lowest = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     v8f m = lowest;

@@ -70,7 +70,7 @@ static inline v8f exp8(v8f x) {
     return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23);
 }
 
-/* vecf: the widest vectors the CPU has, VLANES fp32 lanes (16 with AVX-512, else 8); to8 sums one to 8 lanes.
+/* vecf: the widest vectors the CPU has, VLANES fp32 lanes (16 with AVX-512, else 8); to8 folds one into 8 lanes.
    Reading KV cache elements as fp32 vectors: load8_<type> (8 lanes) and loadv_<type> (VLANES), for fp32
    and, where the compiler has _Float16, fp16. */
 #if defined(__AVX512F__)
