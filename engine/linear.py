@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels import cpu_ops, cpu_quant
+from kernels import cpu_amx, cpu_ops, cpu_quant
 
 Kernel = Callable[[torch.Tensor, object, torch.Tensor | None], torch.Tensor]
 
@@ -87,17 +87,22 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 @dataclass
 class GGUFWeights:
-    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a few rows, and
-    fbgemm's fp16 packing of the same weights for larger ones, where the GEMM is compute-bound."""
+    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a few rows, the same
+    codes as AMX tiles (kernels/cpu_amx.py) for batched calls where the CPU has AMX, and fbgemm's fp16
+    packing of the same weights for the rest, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
     blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8
     fp16: object
+    tiles: torch.Tensor | None = None
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    if not cpu_quant.supports(x, w.kind):
+    if w.tiles is not None and x.shape[0] >= cpu_amx.MIN_ROWS and cpu_amx.supports(x):
+        y = cpu_amx.linear(x, w.tiles, w.kind)
+    elif cpu_quant.supports(x, w.kind):
+        y = cpu_quant.block_linear(x, w.blocks, w.kind)
+    else:
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
-    y = cpu_quant.block_linear(x, w.blocks, w.kind)
     return y if bias is None else y.add_(bias)
 
 
@@ -146,7 +151,8 @@ class Linear(nn.Module):
         if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
             raise ValueError(f"the {kind} blocks do not hold this layer's weights")
         fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
-        self._set(GGUFWeights(kind, blocks.contiguous(), fp16), _gguf)
+        tiles = cpu_amx.pack(blocks, kind) if cpu_amx.available() and cpu_amx.packable(blocks) else None
+        self._set(GGUFWeights(kind, blocks.contiguous(), fp16, tiles), _gguf)
 
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:
         """Symmetric per-output-channel int8 weights, activations quantized per token at run time;

@@ -91,7 +91,7 @@ def decode_stack(layers: list[DecoderLayer], cfg: ModelConfig) -> DecodeStack | 
             not all(isinstance(lin.packed, GGUFWeights) for ls in projections for lin in ls):
         return None
     stack = [StackLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                        *((lin.packed.kind, lin.packed.blocks) for lin in ls),
+                        *((lin.packed.kind, lin.packed.blocks, lin.packed.tiles) for lin in ls),
                         qkv_bias=None if ls[0].bias is None else ls[0].bias.detach())
              for layer, ls in zip(layers, projections)]
     attn = layers[0].self_attn

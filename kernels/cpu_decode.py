@@ -15,16 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention, cpu_build, cpu_ops, cpu_quant
+from kernels import cpu_amx, cpu_attention, cpu_build, cpu_ops, cpu_quant
 from kernels.paged_attention import AttentionMetadata
 
 _KINDS = {"q4_1": 0, "q8_0": 1}
+# Rows per stack call where every projection has AMX tiles: a bound on the call's scratch (~30 KB a row here)
+_TILED_MAX_ROWS = 256
 
 _STACK = r"""
 typedef struct {
     const float *input_norm, *post_norm;  /* [H] */
     const void *qkv, *o, *gate_up, *down;  /* ggml block rows */
     int32_t qkv_kind, o_kind, gate_up_kind, down_kind;  /* 0: Q4_1, 1: Q8_0 */
+    const void *qkv_tiles, *o_tiles, *gate_up_tiles, *down_tiles;  /* the same as AMX tiles, or NULL */
     const float *qkv_bias;  /* [(NH + 2 NKV) D], or NULL */
     void *k_cache, *v_cache;  /* [NB, BS, NKV, D] */
     int32_t kv_f16;  /* the caches hold fp16, else fp32 */
@@ -43,10 +46,11 @@ typedef struct {
 /* the thread counts the Python wrappers pick for the same calls */
 static inline int ops_threads(const stack_step *s, int64_t elements) { return elements >= OPS_MIN ? s->threads : 1; }
 
-static inline void linear(const stack_step *s, int kind, const float *x, const void *w, float *y, int64_t N,
-                          int64_t K) {
+static inline void linear(const stack_step *s, int kind, const float *x, const void *w, const void *tiles,
+                          float *y, int64_t N, int64_t K) {
     const int t = N * K >= QUANT_MIN ? s->threads : 1;
-    if (kind == 0) q4_1_linear_f32(x, w, y, s->M, N, K, t);
+    if (tiles != NULL && s->M >= AMX_MIN) amx_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
+    else if (kind == 0) q4_1_linear_f32(x, w, y, s->M, N, K, t);
     else q8_0_linear_f32(x, w, y, s->M, N, K, t);
 }
 
@@ -79,15 +83,15 @@ void decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stac
     for (int64_t l = 0; l < L; ++l) {
         const stack_layer *ly = layers + l;
         rms_norm_f32(x, H, ly->input_norm, h, M, H, s->eps, ops_threads(s, M * H));
-        linear(s, ly->qkv_kind, h, ly->qkv, qkv, QKV, H);
+        linear(s, ly->qkv_kind, h, ly->qkv, ly->qkv_tiles, qkv, QKV, H);
         if (ly->qkv_bias != NULL)
             for (int64_t i = 0; i < M * QKV; ++i) qkv[i] += ly->qkv_bias[i % QKV];
         write_and_attend(s, ly, qkv, attn, QKV, attn_threads);
-        linear(s, ly->o_kind, attn, ly->o, o, H, A);
+        linear(s, ly->o_kind, attn, ly->o, ly->o_tiles, o, H, A);
         add_rms_norm_f32(x, o, ly->post_norm, x, h, M, H, s->eps, ops_threads(s, M * H));
-        linear(s, ly->gate_up_kind, h, ly->gate_up, gu, 2 * I, H);
+        linear(s, ly->gate_up_kind, h, ly->gate_up, ly->gate_up_tiles, gu, 2 * I, H);
         silu_and_mul_f32(gu, act, M, I, ops_threads(s, 2 * M * I));
-        linear(s, ly->down_kind, act, ly->down, down, H, I);
+        linear(s, ly->down_kind, act, ly->down, ly->down_tiles, down, H, I);
         for (int64_t i = 0; i < M * H; ++i) x[i] += down[i];
     }
     free(buf);
@@ -98,6 +102,7 @@ void decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stac
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o", "gate_up", "down")] + \
                [(name, ctypes.c_int32) for name in ("qkv_kind", "o_kind", "gate_up_kind", "down_kind")] + \
+               [(name, ctypes.c_void_p) for name in ("qkv_tiles", "o_tiles", "gate_up_tiles", "down_tiles")] + \
                [(name, ctypes.c_void_p) for name in ("qkv_bias", "k_cache", "v_cache")] + [("kv_f16", ctypes.c_int32)]
 
 
@@ -111,8 +116,9 @@ class _Step(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     defines = (f"#define OPS_MIN {cpu_ops._PARALLEL_MIN}\n#define QUANT_MIN {cpu_quant._PARALLEL_MIN}\n"
-               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n")
-    source = cpu_build.PRELUDE + cpu_ops.C_BODY + cpu_attention.C_BODY + cpu_quant.C_BODY + defines + _STACK
+               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n#define AMX_MIN {cpu_amx.MIN_ROWS}\n")
+    source = (cpu_build.PRELUDE + cpu_ops.C_BODY + cpu_attention.C_BODY + cpu_quant.C_BODY + cpu_amx.C_BODY + defines
+              + _STACK)
     lib = cpu_build.load("decode_stack", source)
     if lib is not None:
         lib.decode_stack_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -122,14 +128,15 @@ def _library() -> ctypes.CDLL | None:
 
 @dataclass
 class StackLayer:
-    """One decoder layer's weights: RMSNorm weights [H], and (kind, ggml block rows) per projection."""
+    """One decoder layer's weights: RMSNorm weights [H], and per projection (kind, ggml block rows, the same
+    as AMX tiles or None)."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: tuple[str, torch.Tensor]
-    o: tuple[str, torch.Tensor]
-    gate_up: tuple[str, torch.Tensor]
-    down: tuple[str, torch.Tensor]
+    qkv: tuple[str, torch.Tensor, torch.Tensor | None]
+    o: tuple[str, torch.Tensor, torch.Tensor | None]
+    gate_up: tuple[str, torch.Tensor, torch.Tensor | None]
+    down: tuple[str, torch.Tensor, torch.Tensor | None]
     qkv_bias: torch.Tensor | None
 
 
@@ -149,15 +156,18 @@ class DecodeStack:
 
     def __init__(self, layers: list[StackLayer], shape: StackShape):
         self.layers, self.shape = layers, shape
-        kinds = {kind for layer in layers for kind, _ in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        self.max_rows = min(cpu_quant.max_rows(k) for k in kinds)  # the calls the Python path sends to blocks
+        projections = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        # the calls the Python path sends to the blocks, or to the tiles, which take any number of rows
+        tiled = all(tiles is not None for _, _, tiles in projections)
+        self.max_rows = _TILED_MAX_ROWS if tiled else min(cpu_quant.max_rows(kind) for kind, _, _ in projections)
         self._table = (_Layer * len(layers))()
         for entry, layer in zip(self._table, layers):
             entry.input_norm, entry.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
             for name in ("qkv", "o", "gate_up", "down"):
-                kind, blocks = getattr(layer, name)
+                kind, blocks, tiles = getattr(layer, name)
                 setattr(entry, name, blocks.data_ptr())
                 setattr(entry, f"{name}_kind", _KINDS[kind])
+                setattr(entry, f"{name}_tiles", None if tiles is None else tiles.data_ptr())
             entry.qkv_bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()
         self._caches: list[int] = []
 

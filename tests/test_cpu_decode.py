@@ -8,7 +8,7 @@ from engine.default_model import resolve_model
 from engine.linear import Linear
 from engine.loader import build_model
 from engine.model_runner import ModelRunner
-from kernels import cpu_quant
+from kernels import cpu_amx, cpu_decode, cpu_quant
 from kernels.cpu_decode import DecodeStack
 from tests.helpers import CountingStack, scheduled, step_logits
 from tests.test_gguf_blocks import random_blocks
@@ -65,12 +65,23 @@ def _steps(model, fused: bool, kv_cache_dtype: torch.dtype = torch.float32) -> t
 multi_row = pytest.mark.skipif(cpu_quant.max_rows("q8_0") < 2, reason="this CPU's build runs one-row stacks only")
 
 
+@pytest.fixture(params=["amx", "no amx"])
+def amx(request, monkeypatch) -> bool:
+    """Both with the AMX tiles, where this CPU has them, and without."""
+    if request.param == "no amx":
+        monkeypatch.setattr(cpu_amx, "available", lambda: False)
+    elif not cpu_amx.available():
+        pytest.skip("no AMX here")
+    return request.param == "amx"
+
+
 @multi_row
 @pytest.mark.parametrize("arch, kv_cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),
                                                   ("llama", torch.float16)])  # qwen2: q/k/v biases
-def test_stack_equals_the_layer_by_layer_path(arch, kv_cache_dtype, tiny_llama_dir, tiny_qwen2_dir):
+def test_stack_equals_the_layer_by_layer_path(arch, kv_cache_dtype, amx, tiny_llama_dir, tiny_qwen2_dir):
     model = _gguf_model(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)
-    assert model.decode_stack.max_rows == cpu_quant.max_rows("q4_1")
+    # with tiles the stack takes the 20-row step too, its projections on AMX
+    assert model.decode_stack.max_rows == (cpu_decode._TILED_MAX_ROWS if amx else cpu_quant.max_rows("q4_1"))
     fused, calls = _steps(model, True, kv_cache_dtype)
     plain, no_calls = _steps(model, False, kv_cache_dtype)
     assert no_calls == 0 and calls == sum(rows <= model.decode_stack.max_rows for rows in SHORT_STEP_ROWS) >= 4
@@ -79,7 +90,8 @@ def test_stack_equals_the_layer_by_layer_path(arch, kv_cache_dtype, tiny_llama_d
 
 
 @multi_row
-def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir):
+def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(cpu_amx, "available", lambda: False)  # tiles take any rows
     model = _gguf_model(tiny_llama_dir, o_kind="q8_0")
     assert model.decode_stack.max_rows == min(cpu_quant.max_rows("q4_1"), cpu_quant.max_rows("q8_0"))
     model.decode_stack.max_rows = 2

@@ -10,7 +10,7 @@ from gguf.quants import dequantize
 from engine import LLM, SamplingParams
 from engine.linear import Linear
 from engine.loader import load_model
-from kernels import cpu_quant
+from kernels import cpu_amx, cpu_quant
 
 GGML = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
 
@@ -46,12 +46,19 @@ def test_kernel_equals_the_dequantized_product(kind, rows, cols):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-def test_linear_reads_blocks_for_few_rows_and_fp16_for_more():
-    blocks = random_blocks("q4_1", 96, 64)
-    lin = Linear(64, 96, bias=True)
+def linear_holding(kind: str, rows: int, cols: int) -> tuple[Linear, torch.Tensor]:
+    """An unpacked Linear (with a bias) whose fp32 weights are those of random `kind` blocks, and the blocks."""
+    blocks = random_blocks(kind, rows, cols)
+    lin = Linear(cols, rows, bias=True)
     with torch.no_grad():
-        lin.weight_t.copy_(cpu_quant.dequantize(blocks, "q4_1").t())
+        lin.weight_t.copy_(cpu_quant.dequantize(blocks, kind).t())
         torch.nn.init.normal_(lin.bias, std=0.1)
+    return lin, blocks
+
+
+def test_linear_reads_blocks_for_few_rows_and_fp16_for_more(monkeypatch):
+    monkeypatch.setattr(cpu_amx, "available", lambda: False)  # tiles take the calls of more rows (test_cpu_amx.py)
+    lin, blocks = linear_holding("q4_1", 96, 64)
     most = cpu_quant.max_rows("q4_1")
     x = torch.randn(most + 1, 64)
     ref = lin(x)

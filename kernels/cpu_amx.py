@@ -1,0 +1,205 @@
+"""GGUF block linears on Intel AMX tiles: the batched calls (16 rows and more) of kernels/cpu_quant.py.
+
+AMX multiplies bf16 tiles into fp32. A block's codes (Q4_1's 0..15, Q8_0's -127..127) are small integers,
+exact in bf16, and each fp32 input value is split into two bf16 parts, x = hi + lo (16 significant bits
+between them), so per block the tile unit computes q . x to ~3e-6 relative. fp32 vector code then applies
+the block's fp16 scale and offset: y += d * (q . x) + m * sum(x). fbgemm's fp16 weights, which took these
+calls before, are off by ~2e-4.
+
+Measured here (Sapphire Rapids, 2 cores), the default model's gate/up projection, ms per call:
+16 rows 0.09 against the blocks' 0.29; 32 rows 0.15 against 0.51; 512 rows 2.4 against fbgemm fp16's 5.1.
+
+Weights are repacked once at load into ready tiles (2 bytes per weight), since unpacking 4-bit codes per
+call cost as much as the tile work. Where the CPU, the kernel or the compiler has no AMX, `available()`
+is False and the blocks and fbgemm keep these calls.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kernels import cpu_build, cpu_quant
+
+TILE = 16  # output columns (weight rows) and input rows per tile
+MIN_ROWS = 12  # below, reading 16-bit tiles costs more than the 5-bit blocks save (8 rows: 320 vs 424 tok/s)
+_TILE_BYTES = 1024 + 2 * 64  # a block's codes as one B tile, then its 16 fp32 scales and 16 offsets
+
+C_BODY = r"""
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* the kernel gives a process tile state only on request */
+int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+
+/* 16 weight rows x one 32-weight block: codes as a B tile (16 pairs of k, each 16 columns x 2 bf16), fp32 d, m */
+typedef struct { uint16_t codes[512]; float d[16], m[16]; } amx_wtile;
+
+static void amx_config(void) {  /* every tile 16 rows x 64 bytes */
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
+}
+
+static inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+/* x [M, K] as A tiles [M / 16][K / 32][hi, lo][16 rows][32 bf16] (rows past M zero), and its block sums */
+static void amx_pack_x(const float *x, int64_t M, int64_t K, uint16_t *a, float *sx) {
+    const int64_t nb = K / 32, MT = (M + 15) / 16;
+    for (int64_t t = 0; t < MT * nb; ++t) {
+        const int64_t mt = t / nb, b = t % nb;
+        uint16_t *hi = a + t * 1024, *lo = hi + 512;
+        for (int r = 0; r < 16; ++r) {
+            const int64_t m = mt * 16 + r;
+            if (m >= M) {
+                memset(hi + r * 32, 0, 64);
+                memset(lo + r * 32, 0, 64);
+                sx[m * nb + b] = 0.f;
+                continue;
+            }
+            const __m512 x0 = _mm512_loadu_ps(x + m * K + b * 32), x1 = _mm512_loadu_ps(x + m * K + b * 32 + 16);
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  /* round to nearest */
+            const __m512 h0 = bf16_to_f32(_mm512_castsi512_si256(h)), h1 = bf16_to_f32(_mm512_extracti64x4_epi64(h, 1));
+            _mm512_storeu_si512(hi + r * 32, h);
+            _mm512_storeu_si512(lo + r * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0)));
+            sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
+        }
+    }
+}
+
+/* y[mt's 16 rows, nt's 16 columns] over all blocks. Two C tiles in turn, so the tile unit multiplies one
+   block while the vector units scale the other's sums. */
+static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, const float *sx, const amx_wtile *w,
+                                                           float *y, int64_t nb, int64_t N, int rows,
+                                                           const int has_m) {
+    float c[512] __attribute__((aligned(64)));
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int two = b + 1 < nb;
+        _tile_zero(0);
+        _tile_loadd(1, a + b * 1024, 64);
+        _tile_loadd(2, a + b * 1024 + 512, 64);
+        _tile_loadd(3, w[b].codes, 64);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) {
+            _tile_zero(4);
+            _tile_loadd(5, a + (b + 1) * 1024, 64);
+            _tile_loadd(6, a + (b + 1) * 1024 + 512, 64);
+            _tile_loadd(7, w[b + 1].codes, 64);
+            _tile_dpbf16ps(4, 5, 7);
+            _tile_dpbf16ps(4, 6, 7);
+        }
+        _tile_stored(0, c, 64);
+        if (two) _tile_stored(4, c + 256, 64);
+        for (int h = 0; h <= two; ++h) {
+            const __m512 d = _mm512_loadu_ps(w[b + h].d), m = _mm512_loadu_ps(w[b + h].m);
+            for (int r = 0; r < 16; ++r) {
+                acc[r] = _mm512_fmadd_ps(d, _mm512_load_ps(c + h * 256 + r * 16), acc[r]);
+                if (has_m) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * nb + b + h]), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+
+/* y[M, N] = x[M, K] @ W^T, W as [N / 16][K / 32] tiles; N % 16 == 0, K % 32 == 0. has_m: Q4_1's offsets. */
+void amx_linear_f32(const float *x, const amx_wtile *w, float *y, int64_t M, int64_t N, int64_t K, int has_m,
+                    int threads) {
+    const int64_t nb = K / 32, MT = (M + 15) / 16, NT = N / 16;
+    uint16_t *a = aligned_alloc(64, (size_t)(MT * nb) * 2048);
+    float *sx = malloc(sizeof(float) * (size_t)(MT * 16 * nb));
+    amx_pack_x(x, M, K, a, sx);
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_config();  /* per thread: tile configuration is thread state */
+        #pragma omp for schedule(static)
+        for (int64_t nt = 0; nt < NT; ++nt)
+            for (int64_t mt = 0; mt < MT; ++mt) {
+                const int rows = M - mt * 16 < 16 ? (int)(M - mt * 16) : 16;
+                const uint16_t *at = a + mt * nb * 1024;
+                float *yt = y + mt * 16 * N + nt * 16;
+                if (has_m) amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 1);
+                else amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 0);
+            }
+        _tile_release();
+    }
+    free(a);
+    free(sx);
+}
+#define AMX_BUILT 1
+#else
+int amx_request(void) { return 0; }
+void amx_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int has_m,
+                    int threads) { (void)x; (void)w; (void)y; (void)M; (void)N; (void)K; (void)has_m; (void)threads; }
+#define AMX_BUILT 0
+#endif
+int amx_built(void) { return AMX_BUILT; }
+"""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_build.load("amx_ops", cpu_build.PRELUDE + C_BODY)
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.amx_linear_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.amx_linear_f32.restype = None
+    lib.amx_built.restype = lib.amx_request.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel was built with AMX and the OS gave this process tile state."""
+    lib = _library()
+    return lib is not None and lib.amx_built() == 1 and lib.amx_request() == 1
+
+
+def packable(blocks: torch.Tensor) -> bool:
+    return blocks.shape[0] % TILE == 0
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether `linear` takes x: CPU fp32 [M, K], contiguous, no autograd."""
+    return (x.dim() == 2 and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """`blocks` [N, K / 32 * block bytes] of `kind` ("q4_1", "q8_0") as tiles: uint8 [N / 16, K / 32, 1152]."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, cpu_quant.BLOCK_BYTES[kind])
+    nb, nt = b.shape[1], n // TILE
+    d = b[..., 0:2].contiguous().view(torch.float16).float().view(n, nb)
+    if kind == "q4_1":
+        m = b[..., 2:4].contiguous().view(torch.float16).float().view(n, nb)
+        q = torch.cat([b[..., 4:] & 15, b[..., 4:] >> 4], dim=-1)  # [N, nb, 32]: codes 0-15, then 16-31
+    else:
+        m = torch.zeros(n, nb)
+        q = b[..., 2:].contiguous().view(torch.int8)
+    # B tile of (nt, block): [k pair][column][2] (AMX's layout for bf16 B)
+    codes = q.view(nt, TILE, nb, TILE, 2).permute(0, 2, 3, 1, 4).to(torch.bfloat16).contiguous()
+    per_tile = [codes.view(torch.uint8).view(nt, nb, 1024)]
+    for v in (d, m):  # [N, nb] -> [nt, nb, 16]
+        per_tile.append(v.view(nt, TILE, nb).transpose(1, 2).contiguous().view(torch.uint8).view(nt, nb, 64))
+    return torch.cat(per_tile, dim=-1).contiguous()
+
+
+def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] (CPU fp32, contiguous) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
+    m, k = x.shape
+    nt, nb, _ = tiles.shape
+    assert k == nb * 32 and x.dtype == torch.float32 and x.is_contiguous() and tiles.is_contiguous()
+    n = nt * TILE
+    y = torch.empty(m, n)
+    threads = torch.get_num_threads() if n * k >= cpu_quant._PARALLEL_MIN else 1  # as the decode stack picks
+    _library().amx_linear_f32(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k, int(kind == "q4_1"), threads)
+    return y

@@ -1,0 +1,60 @@
+"""kernels/cpu_amx.py: GGUF block linears on AMX tiles, against the dequantized weights' product."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_amx, cpu_quant
+from tests.test_gguf_blocks import linear_holding, random_blocks
+
+pytestmark = pytest.mark.skipif(not cpu_amx.available(), reason="no AMX on this CPU (or in this build)")
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 12, 16, 17, 40, 300])  # partial and whole tiles of rows
+@pytest.mark.parametrize("cols", [64, 96, 1536])  # 96: an odd number of blocks (the two C tiles in turn)
+def test_tiles_equal_the_dequantized_product(kind, rows, cols):
+    blocks = random_blocks(kind, 208, cols, seed=rows)  # 13 column tiles: not a multiple of the threads
+    x = torch.randn(rows, cols)
+    want = x.double() @ cpu_quant.dequantize(blocks, kind).double().t()
+    got = cpu_amx.linear(x, cpu_amx.pack(blocks, kind), kind)
+    # each x is split into two bf16 parts (16 significant bits); fbgemm's fp16 weights are off by ~2e-4
+    assert _relative_error(got, want) < 2e-5
+
+
+def test_inputs_of_very_different_sizes_keep_their_precision():
+    # the model's down projections see a few channels near 2000 beside values near 0.01
+    blocks = random_blocks("q4_1", 64, 256)
+    x = torch.randn(20, 256) * 0.01
+    x[:, 5] = 2000.0
+    x[3] = 0.0
+    want = x.double() @ cpu_quant.dequantize(blocks, "q4_1").double().t()
+    got = cpu_amx.linear(x, cpu_amx.pack(blocks, "q4_1"), "q4_1")
+    assert torch.equal(got[3], torch.zeros(64))
+    assert _relative_error(got, want) < 2e-5
+
+
+def test_linear_takes_the_tiles_from_min_rows():
+    lin, blocks = linear_holding("q4_1", 96, 64)
+    x = torch.randn(50, 64)
+    ref = lin(x)
+    lin.pack_gguf("q4_1", blocks)
+    tiles = lin.packed.tiles
+    assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, 1152)
+    few = x[:cpu_amx.MIN_ROWS - 1]
+    assert torch.equal(lin(few), cpu_quant.block_linear(few, blocks, "q4_1") + lin.bias)
+    for n in (cpu_amx.MIN_ROWS, 50):
+        assert torch.equal(lin(x[:n]), cpu_amx.linear(x[:n], tiles, "q4_1") + lin.bias)
+        assert ((lin(x[:n]) - ref[:n]).norm() / ref[:n].norm()).item() < 1e-5
+
+
+def test_outputs_not_a_multiple_of_a_tile_keep_the_blocks():
+    lin, blocks = linear_holding("q8_0", 40, 64)
+    lin.pack_gguf("q8_0", blocks)
+    assert lin.packed.tiles is None
+    x = torch.randn(cpu_amx.MIN_ROWS, 64)
+    assert torch.equal(lin(x), cpu_quant.block_linear(x, blocks, "q8_0") + lin.bias)
