@@ -83,7 +83,7 @@ static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, co
     for (int64_t b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
         /* the next two blocks' tiles (past the last: the thread's next column tile, or nothing; a prefetch
-           does not fault): 16 rows of 5.2 ms -> 3.5 ms over 30 gate/up projections from memory */
+           does not fault): 30 gate/up projections from memory, 12 rows, went from 6.9 to 5.2 ms */
         for (int l = 0; l < 2 * (int)sizeof(amx_wtile); l += 64) _mm_prefetch((const char *)(w + b + 2) + l, _MM_HINT_T0);
         _tile_zero(0);
         _tile_loadd(1, a + b * 1024, 64);
