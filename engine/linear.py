@@ -16,8 +16,9 @@ mostly the outliers' rank-k update (torch addmm, ~90 us for 32 rows of a 3072-wi
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,6 +57,33 @@ def _fbgemm_int8(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedPa
     return torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
+@_scripted
+def _onednn_int8(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, packed, False)  # 8-bit activations: VNNI / AMX do not saturate
+
+
+def _onednn_int8_fits() -> bool:
+    """Where the CPU has AMX, oneDNN's int8 GEMM ran the default model's gate/up projection 3.6x faster than
+    fbgemm's at 512 rows here (0.65 vs 2.36 ms) and 1.7x at 32, but 1.3-1.6x slower up to 16 rows."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return amx and "onednn" in torch.backends.quantized.supported_engines
+
+
+_ONEDNN_MIN_ROWS = 32  # the crossover of the measurements above (24 rows: 0.105 vs 0.088 ms)
+
+
+@contextmanager
+def _quantized_engine(name: str) -> Iterator[None]:
+    """torch packs int8 weights for the library its process-wide engine names; the packed weights
+    then run on that library whatever the engine is."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
 def _fp16(x: torch.Tensor, packed: object, bias: torch.Tensor | None) -> torch.Tensor:
     return _fbgemm_fp16(x, packed)  # bias is packed in
 
@@ -67,6 +95,7 @@ class Int8Weights:
     outliers: torch.Tensor  # [k] input channels that skip quantization
     inlier_mask: torch.Tensor  # [in] 0 at the outliers, 1 elsewhere
     outlier_weight_t: torch.Tensor  # [k, out]
+    onednn: object | None = None  # oneDNN's packing of the same weights, for calls of _ONEDNN_MIN_ROWS and more
 
 
 def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.Tensor:
@@ -77,7 +106,8 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
     # first (per-token precision; scaling a row commutes with the matmul).
     # (one row: fbgemm's per-tensor scale already is per token)
     x, outliers, scale = cpu_ops.int8_prepare(x, w.outliers, w.inlier_mask, scale_rows=x.shape[0] > 1)
-    y = _fbgemm_int8(x, w.packed)  # [T, out]
+    big = w.onednn is not None and x.shape[0] >= _ONEDNN_MIN_ROWS
+    y = _onednn_int8(x, w.onednn) if big else _fbgemm_int8(x, w.packed)  # [T, out]
     if scale is not None:
         y = y.mul_(scale)
     if outliers is not None:
@@ -168,9 +198,12 @@ class Linear(nn.Module):
             # fbgemm's dynamic linear still takes them.
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qweight, None)  # bias added after the row scaling
+            packed = {}
+            for library in ("fbgemm", "onednn") if _onednn_int8_fits() else ("fbgemm",):
+                with _quantized_engine(library):  # bias added after the row scaling
+                    packed[library] = torch.ops.quantized.linear_prepack(qweight, None)
         inlier_mask = torch.ones(weight.shape[1]).index_fill_(0, outliers, 0.0)
-        self._set(Int8Weights(packed, outliers, inlier_mask, outlier_weight_t), _int8)
+        self._set(Int8Weights(packed["fbgemm"], outliers, inlier_mask, outlier_weight_t, packed.get("onednn")), _int8)
 
 
 # gguf's layers without checkpoint blocks (an EAGLE head, a layer the GGUF keeps in fp16) are fp16

@@ -112,6 +112,8 @@ static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, co
     for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
 }
 
+#define AMX_X_CHUNK_BYTES (1 << 20)
+
 /* y[M, N] = x[M, K] @ W^T, W as [N / 16][K / 32] tiles; N % 16 == 0, K % 32 == 0. has_m: Q4_1's offsets. */
 void amx_linear_f32(const float *x, const amx_wtile *w, float *y, int64_t M, int64_t N, int64_t K, int has_m,
                     int threads) {
@@ -119,18 +121,24 @@ void amx_linear_f32(const float *x, const amx_wtile *w, float *y, int64_t M, int
     uint16_t *a = aligned_alloc(64, (size_t)(MT * nb) * 2048);
     float *sx = malloc(sizeof(float) * (size_t)(MT * 16 * nb));
     amx_pack_x(x, M, K, a, sx);
+    /* x's tiles in chunks that stay in L2 (each column tile reads all of a chunk): at 512 rows all of them
+       were 3 MB for K = 1536, and the down projection took 2.4 ms, as long as gate/up with twice its outputs */
+    const int64_t chunk = AMX_X_CHUNK_BYTES / (nb * 2048) > 0 ? AMX_X_CHUNK_BYTES / (nb * 2048) : 1;
     #pragma omp parallel num_threads(threads)
     {
         amx_config();  /* per thread: tile configuration is thread state */
-        #pragma omp for schedule(static)
-        for (int64_t nt = 0; nt < NT; ++nt)
-            for (int64_t mt = 0; mt < MT; ++mt) {
-                const int rows = M - mt * 16 < 16 ? (int)(M - mt * 16) : 16;
-                const uint16_t *at = a + mt * nb * 1024;
-                float *yt = y + mt * 16 * N + nt * 16;
-                if (has_m) amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 1);
-                else amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 0);
-            }
+        for (int64_t m0 = 0; m0 < MT; m0 += chunk) {
+            const int64_t m1 = m0 + chunk < MT ? m0 + chunk : MT;
+            #pragma omp for schedule(static) nowait
+            for (int64_t nt = 0; nt < NT; ++nt)
+                for (int64_t mt = m0; mt < m1; ++mt) {
+                    const int rows = M - mt * 16 < 16 ? (int)(M - mt * 16) : 16;
+                    const uint16_t *at = a + mt * nb * 1024;
+                    float *yt = y + mt * 16 * N + nt * 16;
+                    if (has_m) amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 1);
+                    else amx_tile(at, sx + mt * 16 * nb, w + nt * nb, yt, nb, N, rows, 0);
+                }
+        }
         _tile_release();
     }
     free(a);
