@@ -86,10 +86,26 @@ def test_int8_scales_activations_per_token():
         assert errors.max() < 0.03, errors
 
 
+def test_int8_calls_of_many_rows_take_onednn_where_it_has_amx():
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    torch.nn.init.normal_(lin.weight_t, std=0.1)
+    x = torch.randn(linear._ONEDNN_MIN_ROWS + 8, 64)
+    ref = lin(x)
+    engine = torch.backends.quantized.engine
+    lin.pack_int8()
+    assert torch.backends.quantized.engine == engine  # packing for oneDNN leaves the process's engine alone
+    assert (lin.packed.onednn is not None) == linear._onednn_int8_fits()
+    many, few = lin(x), lin(x[:4])  # few: fbgemm
+    for got, want in ((many, ref), (few, ref[:4])):
+        assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 0.03
+
+
 def test_fbgemm_calls_go_through_torchscript():
     # From Python each call of these ops paid ~30 us converting the packed weights (engine/linear.py)
     assert isinstance(linear._fbgemm_fp16, torch.jit.ScriptFunction)
     assert isinstance(linear._fbgemm_int8, torch.jit.ScriptFunction)
+    assert isinstance(linear._onednn_int8, torch.jit.ScriptFunction)
     uncompilable = lambda x: x  # noqa: E731 - TorchScript needs a function's source; a lambda in a call has none
     assert linear._scripted(uncompilable) is uncompilable  # falls back to the plain function
 
