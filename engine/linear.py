@@ -127,7 +127,7 @@ class GGUFWeights:
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    if w.tiles is not None and x.shape[0] >= cpu_amx.MIN_ROWS and cpu_amx.supports(x):
+    if w.tiles is not None and x.shape[0] >= cpu_amx.MIN_ROWS[w.kind] and cpu_amx.supports(x):
         y = cpu_amx.linear(x, w.tiles, w.kind)
     elif cpu_quant.supports(x, w.kind):
         y = cpu_quant.block_linear(x, w.blocks, w.kind)

@@ -15,7 +15,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 12, 16, 17, 40, 300])  # partial and whole tiles of rows
+@pytest.mark.parametrize("rows", [1, 5, 8, 12, 16, 17, 40, 300])  # tiles of 4, 8 and 16 rows, partial and whole
 @pytest.mark.parametrize("cols", [64, 96, 1536])  # 96: an odd number of blocks (the two C tiles in turn)
 def test_tiles_equal_the_dequantized_product(kind, rows, cols):
     blocks = random_blocks(kind, 208, cols, seed=rows)  # 13 column tiles: not a multiple of the threads
@@ -38,17 +38,18 @@ def test_inputs_of_very_different_sizes_keep_their_precision():
     assert _relative_error(got, want) < 2e-5
 
 
-def test_linear_takes_the_tiles_from_min_rows():
-    lin, blocks = linear_holding("q4_1", 96, 64)
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_linear_takes_the_tiles_from_min_rows(kind):
+    lin, blocks = linear_holding(kind, 96, 64)
     x = torch.randn(50, 64)
     ref = lin(x)
-    lin.pack_gguf("q4_1", blocks)
-    tiles = lin.packed.tiles
-    assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, 1152)
-    few = x[:cpu_amx.MIN_ROWS - 1]
-    assert torch.equal(lin(few), cpu_quant.block_linear(few, blocks, "q4_1") + lin.bias)
-    for n in (cpu_amx.MIN_ROWS, 50):
-        assert torch.equal(lin(x[:n]), cpu_amx.linear(x[:n], tiles, "q4_1") + lin.bias)
+    lin.pack_gguf(kind, blocks)
+    tiles, least = lin.packed.tiles, cpu_amx.MIN_ROWS[kind]
+    assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, cpu_amx.TILE_BYTES[kind])
+    few = x[:least - 1]
+    assert torch.equal(lin(few), cpu_quant.block_linear(few, blocks, kind) + lin.bias)
+    for n in (least, 50):
+        assert torch.equal(lin(x[:n]), cpu_amx.linear(x[:n], tiles, kind) + lin.bias)
         assert ((lin(x[:n]) - ref[:n]).norm() / ref[:n].norm()).item() < 1e-5
 
 
@@ -56,5 +57,5 @@ def test_outputs_not_a_multiple_of_a_tile_keep_the_blocks():
     lin, blocks = linear_holding("q8_0", 40, 64)
     lin.pack_gguf("q8_0", blocks)
     assert lin.packed.tiles is None
-    x = torch.randn(cpu_amx.MIN_ROWS, 64)
+    x = torch.randn(cpu_amx.MIN_ROWS["q8_0"], 64)
     assert torch.equal(lin(x), cpu_quant.block_linear(x, blocks, "q8_0") + lin.bias)
