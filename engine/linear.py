@@ -117,22 +117,25 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 @dataclass
 class GGUFWeights:
-    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a few rows, the same
-    codes as AMX tiles (kernels/cpu_amx.py) for batched calls where the CPU has AMX, and fbgemm's fp16
-    packing of the same weights for the rest, where the GEMM is compute-bound."""
+    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a row or two; for more,
+    the same codes as AMX tiles (kernels/cpu_amx.py) where the CPU has AMX, else fbgemm's fp16 packing of
+    the weights, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
     blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8
-    fp16: object
+    fp16: object | None  # without tiles only: with them it would be 2 more bytes a weight for no call
     tiles: torch.Tensor | None = None
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    if w.tiles is not None and x.shape[0] >= cpu_amx.MIN_ROWS[w.kind] and cpu_amx.supports(x):
-        y = cpu_amx.linear(x, w.tiles, w.kind)
-    elif cpu_quant.supports(x, w.kind):
+    few = cpu_quant.supports(x, w.kind) and (w.tiles is None or x.shape[0] < cpu_amx.MIN_ROWS[w.kind])
+    if few:
         y = cpu_quant.block_linear(x, w.blocks, w.kind)
-    else:
+    elif w.tiles is not None and cpu_amx.supports(x):
+        y = cpu_amx.linear(x, w.tiles, w.kind)
+    elif w.fp16 is not None:
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
+    else:  # an input no kernel takes (autograd, a view): the dequantized weights, in torch
+        y = x @ cpu_quant.dequantize(w.blocks, w.kind).t().to(x.dtype)
     return y if bias is None else y.add_(bias)
 
 
@@ -176,12 +179,13 @@ class Linear(nn.Module):
 
     def pack_gguf(self, kind: str, blocks: torch.Tensor) -> None:
         """Keeps the checkpoint's `blocks` of `kind` ("q4_1", "q8_0"; uint8 [out, in / 32 * block bytes],
-        which must hold exactly this layer's weights) for few-row calls, with an fp16 packing for the rest."""
+        which must hold exactly this layer's weights) for few-row calls, with AMX tiles or an fp16 packing
+        for the rest."""
         weight = self._weight()
         if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
             raise ValueError(f"the {kind} blocks do not hold this layer's weights")
-        fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
         tiles = cpu_amx.pack(blocks, kind) if cpu_amx.available() and cpu_amx.packable(blocks) else None
+        fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias()) if tiles is None else None
         self._set(GGUFWeights(kind, blocks.contiguous(), fp16, tiles), _gguf)
 
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:

@@ -46,6 +46,7 @@ def test_linear_takes_the_tiles_from_min_rows(kind):
     lin.pack_gguf(kind, blocks)
     tiles, least = lin.packed.tiles, cpu_amx.MIN_ROWS[kind]
     assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, cpu_amx.TILE_BYTES[kind])
+    assert lin.packed.fp16 is None  # no call would take it
     few = x[:least - 1]
     assert torch.equal(lin(few), cpu_quant.block_linear(few, blocks, kind) + lin.bias)
     for n in (least, 50):
@@ -59,3 +60,14 @@ def test_outputs_not_a_multiple_of_a_tile_keep_the_blocks():
     assert lin.packed.tiles is None
     x = torch.randn(cpu_amx.MIN_ROWS["q8_0"], 64)
     assert torch.equal(lin(x), cpu_quant.block_linear(x, blocks, "q8_0") + lin.bias)
+
+
+def test_inputs_no_kernel_takes_go_through_torch():
+    lin, blocks = linear_holding("q4_1", 96, 64)
+    x = torch.randn(64, 20).t()  # [20, 64], not contiguous
+    ref = lin(x)
+    lin.pack_gguf("q4_1", blocks)
+    assert ((lin(x) - ref).norm() / ref.norm()).item() < 1e-5
+    x = torch.randn(20, 64, requires_grad=True)
+    lin(x).sum().backward()  # the dequantized weights' product carries the gradient
+    assert x.grad is not None and x.grad.shape == x.shape
