@@ -6,11 +6,12 @@ between them), so per block the tile unit computes q . x to ~3e-6 relative. fp32
 the block's fp16 scale and offset: y += d * (q . x) + m * sum(x). fbgemm's fp16 weights, which took the
 calls of more rows than the blocks' before, are off by ~2e-4.
 
-Weights are repacked once at load. Q4_1 stays 4-bit (the same 5 bits a weight as the checkpoint): a call
-expands a column tile's codes into bf16 B tiles once, in L1, and every 16 rows of x reuse them. Q8_0 (the
-LM head) is kept as ready bf16 tiles, 2 bytes a weight. Over the default model's projections this ran a
-5-row step (speculative verification) in 6.5 ms against the blocks' 7.4, 16 rows in 8.5 against 19.1, and
-512 rows ~2x faster than fbgemm's fp16 GEMM.
+Weights are repacked once at load into tile order, as compact as the checkpoint (5 bits a weight for Q4_1,
+8.5 for Q8_0): a call expands a column tile's codes into bf16 B tiles once, in L1, and every 16 rows of x
+reuse them. Ready bf16 tiles (2 bytes a weight) were slower from 2 to 32 rows, bound by reading them. Over
+the default model's projections this ran a 5-row step (speculative verification) in 6.5 ms against the
+blocks' 7.4, 16 rows in 8.5 against 19.1, and 512 rows ~2x faster than fbgemm's fp16 GEMM; its LM head at
+32 rows in 2.3 ms against 7.6.
 
 Where the CPU, the compiler or the OS has no AMX, `available()` is False and the blocks and fbgemm keep
 these calls.
@@ -27,11 +28,10 @@ from kernels import cpu_build, cpu_quant
 TILE = 16  # output columns (weight rows) and input rows per tile
 # Rows from which the tiles beat the blocks, measured here over the default model's 120 projections from memory
 # (Q4_1; 1 row 4.9 vs 4.4 ms, 2 rows 4.8 vs 5.6, 5 rows 6.5 vs 7.4, 16 rows 8.5 vs 19.1, 32 rows 13.7 vs 35.3)
-# and its LM head (Q8_0; 2 rows 1.5 vs 1.1 ms, 3 rows 1.5 vs 2.0, 32 rows 3.6 vs 7.8)
-MIN_ROWS = {"q4_1": 2, "q8_0": 3}
-# 16 weight rows x one block: Q4_1's 4-bit codes and fp16 scales and offsets; Q8_0's codes as a bf16 B tile
-# and fp32 scales (and unused offsets)
-TILE_BYTES = {"q4_1": 256 + 2 * 32, "q8_0": 1024 + 2 * 64}
+# and its LM head (Q8_0; 1 row 0.97 vs 0.71 ms, 2 rows 0.99 vs 1.05, 8 rows 1.2 vs 2.5, 32 rows 2.3 vs 7.6)
+MIN_ROWS = {"q4_1": 2, "q8_0": 2}
+# 16 weight rows x one block: 4-bit (Q4_1) or 8-bit (Q8_0) codes, fp16 scales (and Q4_1's offsets)
+TILE_BYTES = {"q4_1": 256 + 2 * 32, "q8_0": 512 + 32}
 
 C_BODY = r"""
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -42,7 +42,7 @@ C_BODY = r"""
 /* the kernel gives a process tile state only on request */
 int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
 
-/* 16 weight rows x one 32-weight block: codes as a B tile (16 pairs of k, each 16 columns x 2 bf16), fp32 d, m */
+/* 16 weight rows x one 32-weight block, expanded: codes as a B tile (16 k pairs x 16 columns x 2 bf16), fp32 d, m */
 typedef struct { uint16_t codes[512]; float d[16], m[16]; } amx_wtile;
 
 /* 16 weight rows x one Q4_1 block, compact: the codes in B tile order (element i = k pair * 32 + column * 2
@@ -102,6 +102,22 @@ static void amx_expand_q4(const amx_q4tile *src, amx_wtile *dst, int64_t nb) {
     }
 }
 
+/* 16 weight rows x one Q8_0 block, compact: int8 codes in B tile order, fp16 d */
+typedef struct { int8_t codes[512]; uint16_t d[16]; } amx_q8tile;
+
+/* nb compact tiles into B tiles and fp32 scales: int8 -> fp32 -> bf16, exact */
+static void amx_expand_q8(const amx_q8tile *src, amx_wtile *dst, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+        for (int l = 0; l < (int)sizeof(amx_q8tile); l += 64) _mm_prefetch((const char *)(src + b + 4) + l, _MM_HINT_T0);
+        for (int t = 0; t < 16; ++t) {
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src[b].codes + 32 * t))));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src[b].codes + 32 * t + 16))));
+            _mm512_store_si512(dst[b].codes + 32 * t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        _mm512_store_ps(dst[b].d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src[b].d)));
+    }
+}
+
 /* y[mt's R (4, 8 or 16) rows, nt's 16 columns] over all blocks. Two C tiles in turn, so the tile unit
    multiplies one block while the vector units scale the other's sums. */
 static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, const float *sx, const amx_wtile *w,
@@ -141,9 +157,8 @@ static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, co
 
 #define AMX_X_CHUNK_BYTES (1 << 20)
 
-/* y[M, N] = x[M, K] @ W^T, N % 16 == 0, K % 32 == 0. W as [N / 16][K / 32] tiles: q4, Q4_1's compact
-   amx_q4tile, each column tile's expanded once per call (per chunk of x) into a thread's scratch; else
-   Q8_0's amx_wtile (no offsets). */
+/* y[M, N] = x[M, K] @ W^T, N % 16 == 0, K % 32 == 0. W as [N / 16][K / 32] compact tiles, amx_q4tile (q4)
+   or amx_q8tile, each column tile's expanded once per call (per chunk of x) into a thread's scratch. */
 void amx_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int q4, int threads) {
     const int64_t nb = K / 32, MT = (M + 15) / 16, NT = N / 16;
     const int R = M <= 4 ? 4 : M <= 8 ? 8 : 16;  /* the tiles' rows: fewer rows, less tile and vector work */
@@ -156,16 +171,14 @@ void amx_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t 
     #pragma omp parallel num_threads(threads)
     {
         amx_config(R);  /* per thread: tile configuration is thread state */
-        amx_wtile *scratch = q4 ? aligned_alloc(64, sizeof(amx_wtile) * (size_t)nb) : NULL;
+        amx_wtile *scratch = aligned_alloc(64, sizeof(amx_wtile) * (size_t)nb);
         for (int64_t m0 = 0; m0 < MT; m0 += chunk) {
             const int64_t m1 = m0 + chunk < MT ? m0 + chunk : MT;
             #pragma omp for schedule(static) nowait
             for (int64_t nt = 0; nt < NT; ++nt) {
-                const amx_wtile *wt = (const amx_wtile *)w + nt * nb;
-                if (q4) {
-                    amx_expand_q4((const amx_q4tile *)w + nt * nb, scratch, nb);
-                    wt = scratch;
-                }
+                if (q4) amx_expand_q4((const amx_q4tile *)w + nt * nb, scratch, nb);
+                else amx_expand_q8((const amx_q8tile *)w + nt * nb, scratch, nb);
+                const amx_wtile *wt = scratch;
                 for (int64_t mt = m0; mt < m1; ++mt) {
                     const int rows = M - mt * 16 < 16 ? (int)(M - mt * 16) : 16;
                     const uint16_t *at = a + mt * nb * 1024;
@@ -244,9 +257,7 @@ def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
         q = tile_order(torch.cat([b[..., 4:] & 15, b[..., 4:] >> 4], dim=-1))  # codes 0-15, then 16-31
         parts = [q[..., :256] | (q[..., 256:] << 4), per_tile(b[..., 0:2]), per_tile(b[..., 2:4])]  # fp16 d, m
     else:
-        codes = tile_order(b[..., 2:].contiguous().view(torch.int8)).to(torch.bfloat16)
-        d = b[..., 0:2].contiguous().view(torch.float16).float()
-        parts = [codes.view(torch.uint8), per_tile(d.view(torch.uint8)), torch.zeros(nt, nb, 64, dtype=torch.uint8)]
+        parts = [tile_order(b[..., 2:]), per_tile(b[..., 0:2])]  # int8 codes, fp16 d
     return torch.cat(parts, dim=-1).contiguous()
 
 
