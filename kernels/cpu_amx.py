@@ -58,7 +58,9 @@ static void amx_config(int R) {
     _tile_loadconfig(&c);
 }
 
-static inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 bf16_to_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 /* x [M, K] as A tiles [M / 16][K / 32][hi, lo][16 rows][32 bf16] (rows past M zero), and its block sums */
 static void amx_pack_x(const float *x, int64_t M, int64_t K, uint16_t *a, float *sx) {
@@ -78,7 +80,8 @@ static void amx_pack_x(const float *x, int64_t M, int64_t K, uint16_t *a, float 
             const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  /* round to nearest */
             const __m512 h0 = bf16_to_f32(_mm512_castsi512_si256(h)), h1 = bf16_to_f32(_mm512_extracti64x4_epi64(h, 1));
             _mm512_storeu_si512(hi + r * 32, h);
-            _mm512_storeu_si512(lo + r * 32, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0)));
+            const __m512bh l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+            _mm512_storeu_si512(lo + r * 32, (__m512i)l);
             sx[m * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
         }
     }
@@ -91,7 +94,8 @@ static void amx_expand_q4(const amx_q4tile *src, amx_wtile *dst, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
         /* four tiles ahead, from memory (past the last: the thread's next column tile, or nothing; a
            prefetch does not fault) */
-        for (int l = 0; l < (int)sizeof(amx_q4tile); l += 64) _mm_prefetch((const char *)(src + b + 4) + l, _MM_HINT_T0);
+        for (int l = 0; l < (int)sizeof(amx_q4tile); l += 64)
+            _mm_prefetch((const char *)(src + b + 4) + l, _MM_HINT_T0);
         for (int t = 0; t < 8; ++t) {
             const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src[b].codes + 32 * t)));
             _mm512_store_si512(dst[b].codes + 32 * t, _mm512_permutexvar_epi16(_mm512_and_si512(v, low), bf16_of));
@@ -108,10 +112,12 @@ typedef struct { int8_t codes[512]; uint16_t d[16]; } amx_q8tile;
 /* nb compact tiles into B tiles and fp32 scales: int8 -> fp32 -> bf16, exact */
 static void amx_expand_q8(const amx_q8tile *src, amx_wtile *dst, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
-        for (int l = 0; l < (int)sizeof(amx_q8tile); l += 64) _mm_prefetch((const char *)(src + b + 4) + l, _MM_HINT_T0);
+        for (int l = 0; l < (int)sizeof(amx_q8tile); l += 64)  /* four tiles ahead, as amx_expand_q4 */
+            _mm_prefetch((const char *)(src + b + 4) + l, _MM_HINT_T0);
         for (int t = 0; t < 16; ++t) {
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src[b].codes + 32 * t))));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src[b].codes + 32 * t + 16))));
+            const __m128i *codes = (const __m128i *)(src[b].codes + 32 * t);
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1)));
             _mm512_store_si512(dst[b].codes + 32 * t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
         _mm512_store_ps(dst[b].d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src[b].d)));
@@ -267,7 +273,8 @@ def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
         raise RuntimeError("AMX is not available here")
     m, k = x.shape
     nt, nb, size = tiles.shape
-    assert size == TILE_BYTES[kind] and k == nb * 32 and x.dtype == torch.float32 and x.is_contiguous() and tiles.is_contiguous()
+    assert size == TILE_BYTES[kind] and k == nb * 32 and tiles.is_contiguous()
+    assert x.dtype == torch.float32 and x.is_contiguous()
     n = nt * TILE
     y = torch.empty(m, n)
     threads = torch.get_num_threads() if n * k >= cpu_quant._PARALLEL_MIN else 1  # as the decode stack picks

@@ -49,7 +49,8 @@ static inline int ops_threads(const stack_step *s, int64_t elements) { return el
 static inline void linear(const stack_step *s, int kind, const float *x, const void *w, const void *tiles,
                           float *y, int64_t N, int64_t K) {
     const int t = N * K >= QUANT_MIN ? s->threads : 1;
-    if (tiles != NULL && s->M >= (kind == 0 ? AMX_MIN_Q4_1 : AMX_MIN_Q8_0)) amx_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
+    if (tiles != NULL && s->M >= (kind == 0 ? AMX_MIN_Q4_1 : AMX_MIN_Q8_0))
+        amx_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
     else if (kind == 0) q4_1_linear_f32(x, w, y, s->M, N, K, t);
     else q8_0_linear_f32(x, w, y, s->M, N, K, t);
 }
