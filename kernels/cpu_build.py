@@ -120,7 +120,7 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler: the CPU kernels' torch paths run instead")
         return None
-    digest = hashlib.sha256((source + " ".join(FLAGS) + platform.machine()).encode()).hexdigest()[:16]
+    digest = cache_key(source)
     home = Path(os.environ.get("SLUICE_HOME", Path.home() / ".cache" / "sluice"))
     target = home / "kernels" / f"{name}_{digest}.so"
     try:
@@ -130,6 +130,21 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as exc:
         log.warning("CPU kernel %s unavailable (%s): using the torch path", name, exc)
         return None
+
+
+def cache_key(source: str) -> str:
+    """What a built library is cached under: its source, the flags and the CPU it was built for."""
+    return hashlib.sha256((source + " ".join(FLAGS) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native builds differ by them, so a kernel cache shared between
+    machines (a network home) must not hand one CPU's build (AVX-512, AMX) to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def _compile(compiler: str, source: str, target: Path) -> None:

@@ -71,3 +71,4 @@ def test_inputs_no_kernel_takes_go_through_torch():
     x = torch.randn(20, 64, requires_grad=True)
     lin(x).sum().backward()  # the dequantized weights' product carries the gradient
     assert x.grad is not None and x.grad.shape == x.shape
+

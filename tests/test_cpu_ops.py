@@ -115,3 +115,12 @@ def test_argmax_matches_torch_on_ties_nan_and_strided_rows():
     x[4, 999] = 99.0  # the last entry
     for t in (x, x[:, 3:997], torch.randn(32, 49152, generator=gen), torch.randn(1, 5, generator=gen)):
         assert torch.equal(cpu_ops.argmax(t), t.argmax(dim=-1))
+
+
+def test_kernel_builds_are_cached_per_cpu(monkeypatch):
+    # -march=native: an AVX-512 or AMX build handed to a CPU without it (a cache on a shared home) would fault
+    from kernels import cpu_build
+
+    key = cpu_build.cache_key(cpu_ops.C_BODY)
+    monkeypatch.setattr(cpu_build, "_cpu_flags", lambda: "flags : fpu sse2 avx2")
+    assert cpu_build.cache_key(cpu_ops.C_BODY) != key
