@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.rope import RotaryEmbedding, apply_rope
-from kernels import cpu_ops, write_kv
+from kernels import cpu_build, cpu_ops, write_kv
 
 pytestmark = pytest.mark.skipif(cpu_ops._library() is None, reason="no C compiler: the torch paths are used")
 
@@ -119,8 +119,6 @@ def test_argmax_matches_torch_on_ties_nan_and_strided_rows():
 
 def test_kernel_builds_are_cached_per_cpu(monkeypatch):
     # -march=native: an AVX-512 or AMX build handed to a CPU without it (a cache on a shared home) would fault
-    from kernels import cpu_build
-
     key = cpu_build.cache_key(cpu_ops.C_BODY)
     monkeypatch.setattr(cpu_build, "_cpu_flags", lambda: "flags : fpu sse2 avx2")
     assert cpu_build.cache_key(cpu_ops.C_BODY) != key
