@@ -131,7 +131,7 @@ def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.T
     few = cpu_quant.supports(x, w.kind) and (w.tiles is None or x.shape[0] < cpu_amx.MIN_ROWS[w.kind])
     if few:
         y = cpu_quant.block_linear(x, w.blocks, w.kind)
-    elif w.tiles is not None and cpu_amx.supports(x):
+    elif w.tiles is not None and cpu_quant.readable(x):
         y = cpu_amx.linear(x, w.tiles, w.kind)
     elif w.fp16 is not None:
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in

@@ -240,12 +240,6 @@ def packable(blocks: torch.Tensor) -> bool:
     return blocks.shape[0] % TILE == 0
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether `linear` takes x: CPU fp32 [M, K], contiguous, no autograd."""
-    return (x.dim() == 2 and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad))
-
-
 def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """`blocks` [N, K / 32 * block bytes] of `kind` as tiles [N / 16, K / 32, tile bytes] uint8: Q4_1 as
     compact 4-bit tiles (320 bytes), Q8_0 as bf16 B tiles with fp32 scales (1152 bytes)."""
@@ -268,7 +262,7 @@ def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
-    """x [M, K] (CPU fp32, contiguous) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
+    """x [M, K] (`cpu_quant.readable`) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
     if not available():  # without the process's tile state the first tile instruction is SIGILL
         raise RuntimeError("AMX is not available here")
     m, k = x.shape
@@ -277,6 +271,6 @@ def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
     assert x.dtype == torch.float32 and x.is_contiguous()
     n = nt * TILE
     y = torch.empty(m, n)
-    threads = torch.get_num_threads() if n * k >= cpu_quant._PARALLEL_MIN else 1  # as the decode stack picks
-    _library().amx_linear_f32(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k, int(kind == "q4_1"), threads)
+    _library().amx_linear_f32(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k, int(kind == "q4_1"),
+                              cpu_quant.threads(n, k))
     return y

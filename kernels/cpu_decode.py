@@ -117,8 +117,8 @@ class _Step(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     defines = (f"#define OPS_MIN {cpu_ops._PARALLEL_MIN}\n#define QUANT_MIN {cpu_quant._PARALLEL_MIN}\n"
-               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n#define AMX_MIN_Q4_1 {cpu_amx.MIN_ROWS['q4_1']}\n"
-               f"#define AMX_MIN_Q8_0 {cpu_amx.MIN_ROWS['q8_0']}\n")
+               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n"
+               f"#define AMX_MIN_Q4_1 {cpu_amx.MIN_ROWS['q4_1']}\n#define AMX_MIN_Q8_0 {cpu_amx.MIN_ROWS['q8_0']}\n")
     source = (cpu_build.PRELUDE + cpu_ops.C_BODY + cpu_attention.C_BODY + cpu_quant.C_BODY + cpu_amx.C_BODY + defines
               + _STACK)
     lib = cpu_build.load("decode_stack", source)

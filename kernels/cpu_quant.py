@@ -62,11 +62,20 @@ def max_rows(kind: str) -> int:
     return 0 if lib is None else _MAX_ROWS[lib.quant_vector_bits()][kind]
 
 
+def readable(x: torch.Tensor) -> bool:
+    """Whether the C linears (these, kernels/cpu_amx.py's) can read x: CPU fp32 [M, K], contiguous, no autograd."""
+    return (x.dim() == 2 and x.is_cpu and x.dtype == torch.float32 and x.is_contiguous()
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def supports(x: torch.Tensor, kind: str) -> bool:
-    """Whether `block_linear` should take x for `kind`: CPU fp32 [M, K], M <= max_rows(kind), contiguous,
-    no autograd."""
-    return (x.dim() == 2 and x.shape[0] <= max_rows(kind) and x.is_cpu and x.dtype == torch.float32
-            and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad))
+    """Whether `block_linear` should take x for `kind`: `readable`, and M <= max_rows(kind)."""
+    return readable(x) and x.shape[0] <= max_rows(kind)
+
+
+def threads(n: int, k: int) -> int:
+    """Threads for a linear of an [n, k] weight (the decode stack picks the same in C)."""
+    return torch.get_num_threads() if n * k >= _PARALLEL_MIN else 1
 
 
 def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -76,9 +85,8 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
     n = blocks.shape[0]
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.shape[1] * BLOCK == k * BLOCK_BYTES[kind]
     y = torch.empty(m, n)
-    threads = torch.get_num_threads() if n * k >= _PARALLEL_MIN else 1
     kernel = _library().q4_1_linear_f32 if kind == "q4_1" else _library().q8_0_linear_f32
-    kernel(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, n, k, threads)
+    kernel(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), m, n, k, threads(n, k))
     return y
 
 
