@@ -62,7 +62,9 @@ def check_device(device: str, kv_cache_memory: int | None = None) -> None:
 # greedy chat answers equal over 16 tokens, perplexity +3% at most); that test keeps these true.
 # int8 fails on agreement: even int8 weights alone (fp32 activations) keep only 8 of 20 answers equal
 # over 16 tokens here. With calibrated outliers and per-token activation scales its perplexity on the
-# gate's text is 37.1 against fp32's 36.0 (+3%; 98.2 with fbgemm's plain per-tensor scales).
+# gate's text is 37.1 against fp32's 36.0 (+3%; 98.2 with fbgemm's plain per-tensor scales); where the CPU
+# has AMX, batched calls take symmetric 8-bit per-token codes into oneDNN (engine/linear.py), and the gate
+# reads 7 of 20 answers equal and perplexity 36.57 (+1.6%).
 # Simulated (fake-quant) on the gate: int8 weights with fp32 outlier columns keep 13-15 of 20, but
 # quantizing activations (7-bit as fbgemm on AVX2, or 8-bit) drops that to 4-6 of 20, and neither
 # GPTQ weights (2.8x lower layer output error) nor SmoothQuant scaling (alpha 0.5 / 0.8) lifts it past

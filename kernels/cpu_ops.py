@@ -121,6 +121,26 @@ void int8_prepare_f32(const float *x, int64_t xs, const float *mask, const int64
     }
 }
 
+/* As int8_prepare_f32, but y is written as int8 codes q = round(127 y / max |y|), with scale[t] = max |y| / 127:
+   the input of a static int8 GEMM, per-token symmetric, in one pass over x. */
+void int8_quantize_f32(const float *x, int64_t xs, const float *mask, const int64_t *idx, int64_t K, int8_t *q,
+                       float *o, float *scale, int64_t T, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        const float *xt = x + t * xs;
+        int8_t *qt = q + t * N;
+        float mx = 0.f;
+        #pragma omp simd reduction(max:mx)
+        for (int64_t i = 0; i < N; ++i) mx = fabsf(xt[i] * mask[i]) > mx ? fabsf(xt[i] * mask[i]) : mx;
+        for (int64_t j = 0; j < K; ++j) o[t * K + j] = xt[idx[j]];
+        mx = mx > 1e-12f ? mx : 1e-12f;
+        scale[t] = mx / 127.f;
+        const float r = 127.f / mx;
+        #pragma omp simd
+        for (int64_t i = 0; i < N; ++i) qt[i] = (int8_t)nearbyintf(xt[i] * mask[i] * r);
+    }
+}
+
 /* out[t] = the index of the first maximum of row t of x [T, N] (rows at stride xs), a NaN counting as the
    maximum, as torch.argmax has it. */
 void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_t N, int threads) {
@@ -164,6 +184,7 @@ def _library() -> ctypes.CDLL | None:
         "silu_and_mul_f32": [ptr, ptr, i64, i64, i32],
         "rope_write_kv_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32],
         "int8_prepare_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
+        "int8_quantize_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
         "argmax_rows_f32": [ptr, i64, ptr, i64, i64, i32],
     }
     if hasattr(lib, "rope_write_kv_f16"):  # built where the compiler has _Float16
@@ -268,6 +289,23 @@ def int8_prepare(x: torch.Tensor, outliers: torch.Tensor, inlier_mask: torch.Ten
                          y.data_ptr(), o.data_ptr(), scale.data_ptr(), t, n,
                          _threads(t * n))
     return y, (o if len(outliers) else None), scale
+
+
+def int8_quantize(x: torch.Tensor, outliers: torch.Tensor,
+                  inlier_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(q, o, scale) for a static int8 GEMM's input x [T, N]: o as `int8_prepare`; q [T, N] int8 holds x with
+    the outliers zeroed, per row symmetric: x_inliers ~= q * scale, scale [T, 1] = max |row| / 127."""
+    lib = _fast(x, inlier_mask)
+    if lib is None or x.dim() != 2:
+        o = torch.index_select(x, 1, outliers) if len(outliers) else None
+        y = x * inlier_mask
+        scale = y.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127  # [T, 1]
+        return torch.round(y / scale).to(torch.int8), o, scale
+    t, n = x.shape
+    q, o_all, scale = torch.empty(t, n, dtype=torch.int8), torch.empty(t, len(outliers)), torch.empty(t, 1)
+    lib.int8_quantize_f32(x.data_ptr(), x.stride(0), inlier_mask.data_ptr(), outliers.data_ptr(), len(outliers),
+                          q.data_ptr(), o_all.data_ptr(), scale.data_ptr(), t, n, _threads(t * n))
+    return q, (o_all if len(outliers) else None), scale
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

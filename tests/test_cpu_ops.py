@@ -105,6 +105,27 @@ def test_int8_prepare_matches_its_torch_path(t, k):
             assert o is None
 
 
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("k", [0, 3])
+def test_int8_quantize_matches_its_torch_path_and_bounds_the_rounding(t, k):
+    gen = torch.Generator().manual_seed(t + k)
+    x = torch.randn(t, 200, generator=gen) * torch.logspace(-2, 3, t)[:, None]  # rows of very different size
+    x[0] = 0.0  # an all-zero row
+    outliers = torch.randperm(200, generator=gen)[:k]
+    mask = torch.ones(200).index_fill_(0, outliers, 0.0)
+    q, o, scale = cpu_ops.int8_quantize(x, outliers, mask)
+    with torch.enable_grad():  # the torch path
+        q_ref, o_ref, scale_ref = cpu_ops.int8_quantize(x.clone().requires_grad_(True), outliers, mask)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert (q.int() - q_ref.int()).abs().max() <= 1  # rounding of exact halves may differ
+    torch.testing.assert_close(scale, scale_ref.detach())
+    assert torch.all((q * scale - x * mask).abs() <= scale * 0.5 + 1e-6)  # half a step per value, at most
+    if k:
+        torch.testing.assert_close(o, x[:, outliers])
+    else:
+        assert o is None and o_ref is None
+
+
 def test_argmax_matches_torch_on_ties_nan_and_strided_rows():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 1000, generator=gen)

@@ -105,7 +105,6 @@ def test_fbgemm_calls_go_through_torchscript():
     # From Python each call of these ops paid ~30 us converting the packed weights (engine/linear.py)
     assert isinstance(linear._fbgemm_fp16, torch.jit.ScriptFunction)
     assert isinstance(linear._fbgemm_int8, torch.jit.ScriptFunction)
-    assert isinstance(linear._onednn_int8, torch.jit.ScriptFunction)
     uncompilable = lambda x: x  # noqa: E731 - TorchScript needs a function's source; a lambda in a call has none
     assert linear._scripted(uncompilable) is uncompilable  # falls back to the plain function
 
