@@ -86,7 +86,7 @@ def main() -> None:
                 [["transformers generate (fp32)", hf, 1.0, hf / fp32],
                  ["sluice fp32 (exact)", fp32, fp32 / hf, 1.0],
                  ["sluice fp16 weights", fp16, fp16 / hf, fp16 / fp32],
-                 ["sluice gguf blocks (CPU default for GGUFs)", gguf, gguf / hf, gguf / fp32],
+                 ["sluice gguf (CPU default for GGUFs)", gguf, gguf / hf, gguf / fp32],
                  ["sluice int8 (fails quality gate)", int8, int8 / hf, int8 / fp32]])
 
 

@@ -139,9 +139,9 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 @dataclass
 class GGUFWeights:
-    """A GGUF checkpoint's own quantized blocks (kernels/cpu_quant.py) for calls of a row or two; for more,
-    the same codes as AMX tiles (kernels/cpu_amx.py) where the CPU has AMX, else fbgemm's fp16 packing of
-    the weights, where the GEMM is compute-bound."""
+    """A GGUF checkpoint's own quantized blocks. Where the CPU has AMX, the same codes as tiles take every call
+    (kernels/cpu_amx.py); elsewhere the blocks' C kernels take calls of few rows (kernels/cpu_quant.py), and
+    fbgemm's fp16 packing of the weights the rest, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
     blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8
     fp16: object | None  # without tiles only: with them it would be 2 more bytes a weight for no call
@@ -149,11 +149,10 @@ class GGUFWeights:
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    few = cpu_quant.supports(x, w.kind) and (w.tiles is None or x.shape[0] < cpu_amx.MIN_ROWS[w.kind])
-    if few:
-        y = cpu_quant.block_linear(x, w.blocks, w.kind)
-    elif w.tiles is not None and cpu_quant.readable(x):
+    if w.tiles is not None and cpu_quant.readable(x):
         y = cpu_amx.linear(x, w.tiles, w.kind)
+    elif cpu_quant.supports(x, w.kind):
+        y = cpu_quant.block_linear(x, w.blocks, w.kind)
     elif w.fp16 is not None:
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
     else:  # an input no kernel takes (autograd, a view): the dequantized weights, in torch
@@ -201,8 +200,8 @@ class Linear(nn.Module):
 
     def pack_gguf(self, kind: str, blocks: torch.Tensor) -> None:
         """Keeps the checkpoint's `blocks` of `kind` ("q4_1", "q8_0"; uint8 [out, in / 32 * block bytes],
-        which must hold exactly this layer's weights) for few-row calls, with AMX tiles or an fp16 packing
-        for the rest."""
+        which must hold exactly this layer's weights), and AMX tiles of them or, without, an fp16 packing for calls
+        of many rows."""
         weight = self._weight()
         if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
             raise ValueError(f"the {kind} blocks do not hold this layer's weights")

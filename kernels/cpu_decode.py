@@ -49,7 +49,7 @@ static inline int ops_threads(const stack_step *s, int64_t elements) { return el
 static inline void linear(const stack_step *s, int kind, const float *x, const void *w, const void *tiles,
                           float *y, int64_t N, int64_t K) {
     const int t = N * K >= QUANT_MIN ? s->threads : 1;
-    if (tiles != NULL && s->M >= (kind == 0 ? AMX_MIN_Q4_1 : AMX_MIN_Q8_0))
+    if (tiles != NULL)
         amx_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
     else if (kind == 0) q4_1_linear_f32(x, w, y, s->M, N, K, t);
     else q8_0_linear_f32(x, w, y, s->M, N, K, t);
@@ -117,8 +117,7 @@ class _Step(ctypes.Structure):
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     defines = (f"#define OPS_MIN {cpu_ops._PARALLEL_MIN}\n#define QUANT_MIN {cpu_quant._PARALLEL_MIN}\n"
-               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n"
-               f"#define AMX_MIN_Q4_1 {cpu_amx.MIN_ROWS['q4_1']}\n#define AMX_MIN_Q8_0 {cpu_amx.MIN_ROWS['q8_0']}\n")
+               f"#define ATTN_MIN {cpu_attention._PARALLEL_MIN_ROWS}\n")
     source = (cpu_build.PRELUDE + cpu_ops.C_BODY + cpu_attention.C_BODY + cpu_quant.C_BODY + cpu_amx.C_BODY + defines
               + _STACK)
     lib = cpu_build.load("decode_stack", source)

@@ -15,15 +15,16 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 5, 8, 12, 16, 17, 40, 300])  # tiles of 4, 8 and 16 rows, partial and whole
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 12, 16, 17, 40, 300])  # VNNI to 7 (Q8_0: 5); tiles of 8 and 16
 @pytest.mark.parametrize("cols", [64, 96, 1536])  # 96: an odd number of blocks (the two C tiles in turn)
 def test_tiles_equal_the_dequantized_product(kind, rows, cols):
     blocks = random_blocks(kind, 208, cols, seed=rows)  # 13 column tiles: not a multiple of the threads
     x = torch.randn(rows, cols)
     want = x.double() @ cpu_quant.dequantize(blocks, kind).double().t()
     got = cpu_amx.linear(x, cpu_amx.pack(blocks, kind), kind)
-    # each x is split into two bf16 parts (16 significant bits); fbgemm's fp16 weights are off by ~2e-4
-    assert _relative_error(got, want) < 2e-5
+    # AMX: each x is split into two bf16 parts (16 significant bits); VNNI: ~31 bits against each block's
+    # largest value. fbgemm's fp16 weights are off by ~2e-4.
+    assert _relative_error(got, want) < (1e-6 if rows <= 5 else 2e-5)
 
 
 def test_inputs_of_very_different_sizes_keep_their_precision():
@@ -33,23 +34,24 @@ def test_inputs_of_very_different_sizes_keep_their_precision():
     x[:, 5] = 2000.0
     x[3] = 0.0
     want = x.double() @ cpu_quant.dequantize(blocks, "q4_1").double().t()
-    got = cpu_amx.linear(x, cpu_amx.pack(blocks, "q4_1"), "q4_1")
-    assert torch.equal(got[3], torch.zeros(64))
-    assert _relative_error(got, want) < 2e-5
+    tiles = cpu_amx.pack(blocks, "q4_1")
+    for rows in (slice(0, 20), slice(0, 4)):  # AMX, and VNNI
+        got = cpu_amx.linear(x[rows], tiles, "q4_1")
+        assert torch.equal(got[3], torch.zeros(64))
+        assert _relative_error(got, want[rows]) < 2e-5
+    assert torch.equal(cpu_amx.linear(x[3:4], tiles, "q4_1"), torch.zeros(1, 64))  # an all-zero row alone
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_linear_takes_the_tiles_from_min_rows(kind):
+def test_linear_takes_the_tiles_for_every_call(kind):
     lin, blocks = linear_holding(kind, 96, 64)
     x = torch.randn(50, 64)
     ref = lin(x)
     lin.pack_gguf(kind, blocks)
-    tiles, least = lin.packed.tiles, cpu_amx.MIN_ROWS[kind]
+    tiles = lin.packed.tiles
     assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, cpu_amx.TILE_BYTES[kind])
     assert lin.packed.fp16 is None  # no call would take it
-    few = x[:least - 1]
-    assert torch.equal(lin(few), cpu_quant.block_linear(few, blocks, kind) + lin.bias)
-    for n in (least, 50):
+    for n in (1, 5, 8, 50):  # VNNI, and AMX from 8 rows (6 for Q8_0)
         assert torch.equal(lin(x[:n]), cpu_amx.linear(x[:n], tiles, kind) + lin.bias)
         assert ((lin(x[:n]) - ref[:n]).norm() / ref[:n].norm()).item() < 1e-5
 
@@ -58,7 +60,7 @@ def test_outputs_not_a_multiple_of_a_tile_keep_the_blocks():
     lin, blocks = linear_holding("q8_0", 40, 64)
     lin.pack_gguf("q8_0", blocks)
     assert lin.packed.tiles is None
-    x = torch.randn(cpu_amx.MIN_ROWS["q8_0"], 64)
+    x = torch.randn(3, 64)
     assert torch.equal(lin(x), cpu_quant.block_linear(x, blocks, "q8_0") + lin.bias)
 
 
