@@ -10,8 +10,8 @@ product up to summation order, while it reads 5 (Q4_1) or 8.5 (Q8_0) bits per we
 The 32 codes of a block are widened to fp32 once and serve a group of input rows (8 with AVX2, 16 with
 AVX-512): for one or two rows as y += d * (q . x_block) + m * sum(x_block), for more as the block's weights
 w = d * q + m made in registers (shared by the rows) and y += w . x_block. Larger calls take a pass over
-the weights per group. The C source is kernels/cpu_quant_source.py. Where the CPU has AMX, calls of two rows
-and more go to kernels/cpu_amx.py instead.
+the weights per group. The C source is kernels/cpu_quant_source.py. Where the CPU has AMX, kernels/cpu_amx.py
+takes every call instead, from the same codes repacked.
 """
 from __future__ import annotations
 
