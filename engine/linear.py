@@ -143,20 +143,24 @@ class GGUFWeights:
     (kernels/cpu_amx.py); elsewhere the blocks' C kernels take calls of few rows (kernels/cpu_quant.py), and
     fbgemm's fp16 packing of the weights the rest, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
-    blocks: torch.Tensor  # [out, in / 32 * block bytes] uint8
+    blocks: torch.Tensor | None  # [out, in / 32 * block bytes] uint8; without tiles only (no call would read them)
     fp16: object | None  # without tiles only: with them it would be 2 more bytes a weight for no call
     tiles: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        blocks = self.blocks if self.blocks is not None else cpu_amx.unpack(self.tiles, self.kind)
+        return cpu_quant.dequantize(blocks, self.kind)  # [out, in]
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
     if w.tiles is not None and cpu_quant.readable(x):
         y = cpu_amx.linear(x, w.tiles, w.kind)
-    elif cpu_quant.supports(x, w.kind):
+    elif w.blocks is not None and cpu_quant.supports(x, w.kind):
         y = cpu_quant.block_linear(x, w.blocks, w.kind)
     elif w.fp16 is not None:
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
     else:  # an input no kernel takes (autograd, a view): the dequantized weights, in torch
-        y = x @ cpu_quant.dequantize(w.blocks, w.kind).t().to(x.dtype)
+        y = x @ w.dequantized().t().to(x.dtype)
     return y if bias is None else y.add_(bias)
 
 
@@ -206,8 +210,11 @@ class Linear(nn.Module):
         if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
             raise ValueError(f"the {kind} blocks do not hold this layer's weights")
         tiles = cpu_amx.pack(blocks, kind) if cpu_amx.available() and cpu_amx.packable(blocks) else None
-        fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias()) if tiles is None else None
-        self._set(GGUFWeights(kind, blocks.contiguous(), fp16, tiles), _gguf)
+        if tiles is not None:
+            self._set(GGUFWeights(kind, None, None, tiles), _gguf)
+        else:
+            fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
+            self._set(GGUFWeights(kind, blocks.contiguous(), fp16), _gguf)
 
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:
         """Symmetric per-output-channel int8 weights, activations quantized per token at run time;

@@ -370,6 +370,25 @@ def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1).contiguous()
 
 
+def unpack(tiles: torch.Tensor, kind: str) -> torch.Tensor:
+    """The blocks [N, K / 32 * block bytes] that `pack` made `tiles` of, for the calls no kernel takes."""
+    nt, nb, _ = tiles.shape
+    n = nt * TILE
+
+    def row_order(t: torch.Tensor) -> torch.Tensor:  # pack's tile_order, undone: [nt, nb, 512] -> [N, nb, 32]
+        return t.reshape(nt, nb, TILE, TILE, 2).permute(0, 3, 1, 2, 4).reshape(n, nb, 32)
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # pack's per_tile, undone: [nt, nb, 16 * w] -> [N, nb, w]
+        return t.reshape(nt, nb, TILE, -1).transpose(1, 2).reshape(n, nb, -1)
+
+    if kind == "q4_1":
+        codes = row_order(torch.cat([tiles[..., :256] & 15, tiles[..., :256] >> 4], dim=-1))  # [N, nb, 32]
+        parts = [per_row(tiles[..., 256:288]), per_row(tiles[..., 288:320]), codes[..., :16] | (codes[..., 16:] << 4)]
+    else:
+        parts = [per_row(tiles[..., 512:]), row_order(tiles[..., :512])]
+    return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
+
+
 def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
     """x [M, K] (`cpu_quant.readable`) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
     if not available():  # without the process's tile state the first tile instruction is SIGILL

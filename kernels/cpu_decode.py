@@ -25,7 +25,7 @@ _TILED_MAX_ROWS = 256
 _STACK = r"""
 typedef struct {
     const float *input_norm, *post_norm;  /* [H] */
-    const void *qkv, *o, *gate_up, *down;  /* ggml block rows */
+    const void *qkv, *o, *gate_up, *down;  /* ggml block rows, NULL where there are tiles */
     int32_t qkv_kind, o_kind, gate_up_kind, down_kind;  /* 0: Q4_1, 1: Q8_0 */
     const void *qkv_tiles, *o_tiles, *gate_up_tiles, *down_tiles;  /* the same as AMX tiles, or NULL */
     const float *qkv_bias;  /* [(NH + 2 NKV) D], or NULL */
@@ -130,14 +130,14 @@ def _library() -> ctypes.CDLL | None:
 @dataclass
 class StackLayer:
     """One decoder layer's weights: RMSNorm weights [H], and per projection (kind, ggml block rows, the same
-    as AMX tiles or None)."""
+    as AMX tiles), one of the two None."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: tuple[str, torch.Tensor, torch.Tensor | None]
-    o: tuple[str, torch.Tensor, torch.Tensor | None]
-    gate_up: tuple[str, torch.Tensor, torch.Tensor | None]
-    down: tuple[str, torch.Tensor, torch.Tensor | None]
+    qkv: tuple[str, torch.Tensor | None, torch.Tensor | None]
+    o: tuple[str, torch.Tensor | None, torch.Tensor | None]
+    gate_up: tuple[str, torch.Tensor | None, torch.Tensor | None]
+    down: tuple[str, torch.Tensor | None, torch.Tensor | None]
     qkv_bias: torch.Tensor | None
 
 
@@ -166,7 +166,7 @@ class DecodeStack:
             entry.input_norm, entry.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
             for name in ("qkv", "o", "gate_up", "down"):
                 kind, blocks, tiles = getattr(layer, name)
-                setattr(entry, name, blocks.data_ptr())
+                setattr(entry, name, None if blocks is None else blocks.data_ptr())
                 setattr(entry, f"{name}_kind", _KINDS[kind])
                 setattr(entry, f"{name}_tiles", None if tiles is None else tiles.data_ptr())
             entry.qkv_bias = None if layer.qkv_bias is None else layer.qkv_bias.data_ptr()

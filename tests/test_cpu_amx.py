@@ -50,7 +50,7 @@ def test_linear_takes_the_tiles_for_every_call(kind):
     lin.pack_gguf(kind, blocks)
     tiles = lin.packed.tiles
     assert tiles is not None and tiles.shape == (96 // cpu_amx.TILE, 2, cpu_amx.TILE_BYTES[kind])
-    assert lin.packed.fp16 is None  # no call would take it
+    assert lin.packed.fp16 is None and lin.packed.blocks is None  # no call would read them
     for n in (1, 5, 8, 50):  # VNNI, and AMX from 8 rows (6 for Q8_0)
         assert torch.equal(lin(x[:n]), cpu_amx.linear(x[:n], tiles, kind) + lin.bias)
         assert ((lin(x[:n]) - ref[:n]).norm() / ref[:n].norm()).item() < 1e-5
@@ -74,3 +74,9 @@ def test_inputs_no_kernel_takes_go_through_torch():
     lin(x).sum().backward()  # the dequantized weights' product carries the gradient
     assert x.grad is not None and x.grad.shape == x.shape
 
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_unpack_gives_back_the_blocks(kind):
+    blocks = random_blocks(kind, 160, 96)
+    assert torch.equal(cpu_amx.unpack(cpu_amx.pack(blocks, kind), kind), blocks)

@@ -142,7 +142,6 @@ def test_checkpoint_round_trip(target, tmp_path):
 
 def test_gguf_packs_the_head_as_q8_0_and_drafts_through_the_c_stack(target):
     from engine.linear import GGUFWeights, Linear
-    from kernels import cpu_quant
 
     head = _head(target)
     plain = {name: m.weight_t.detach().t().clone() for name, m in head.named_modules() if isinstance(m, Linear)}
@@ -150,7 +149,7 @@ def test_gguf_packs_the_head_as_q8_0_and_drafts_through_the_c_stack(target):
     for name, m in head.named_modules():
         if isinstance(m, Linear):
             assert isinstance(m.packed, GGUFWeights) and m.packed.kind == "q8_0"
-            w = cpu_quant.dequantize(m.packed.blocks, "q8_0")
+            w = m.packed.dequantized()
             assert ((w - plain[name]).norm() / plain[name].norm()).item() < 0.01  # ggml's Q8_0 rounding
     assert head.stack is not None
     seqs = _sequences(target)
