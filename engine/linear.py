@@ -139,12 +139,13 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
 
 @dataclass
 class GGUFWeights:
-    """A GGUF checkpoint's own quantized blocks. Where the CPU has AMX, the same codes as tiles take every call
-    (kernels/cpu_amx.py); elsewhere the blocks' C kernels take calls of few rows (kernels/cpu_quant.py), and
-    fbgemm's fp16 packing of the weights the rest, where the GEMM is compute-bound."""
+    """A GGUF checkpoint's own quantized blocks, and the same codes repacked as compact tiles (kernels/cpu_amx.py).
+    Where the CPU has AMX, the tiles take every call. Elsewhere they take calls of a row or two (up to 7 with
+    AVX-512 VNNI), the blocks' C kernels (kernels/cpu_quant.py) those of a few rows more, and fbgemm's fp16
+    packing of the weights the rest, where the GEMM is compute-bound."""
     kind: str  # "q4_1" or "q8_0"
-    blocks: torch.Tensor | None  # [out, in / 32 * block bytes] uint8; without tiles only (no call would read them)
-    fp16: object | None  # without tiles only: with them it would be 2 more bytes a weight for no call
+    blocks: torch.Tensor | None  # [out, in / 32 * block bytes] uint8; None where AMX tiles take every call
+    fp16: object | None  # None where AMX tiles take every call: 2 more bytes a weight for no call
     tiles: torch.Tensor | None = None
 
     def dequantized(self) -> torch.Tensor:
@@ -153,11 +154,11 @@ class GGUFWeights:
 
 
 def _gguf(x: torch.Tensor, w: GGUFWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    if w.tiles is not None and cpu_quant.readable(x):
+    if w.tiles is not None and cpu_quant.readable(x) and cpu_amx.takes(x.shape[0], w.kind):
         y = cpu_amx.linear(x, w.tiles, w.kind)
     elif w.blocks is not None and cpu_quant.supports(x, w.kind):
         y = cpu_quant.block_linear(x, w.blocks, w.kind)
-    elif w.fp16 is not None:
+    elif w.fp16 is not None and not (x.requires_grad and torch.is_grad_enabled()):
         return _fbgemm_fp16(x, w.fp16)  # bias is packed in
     else:  # an input no kernel takes (autograd, a view): the dequantized weights, in torch
         y = x @ w.dequantized().t().to(x.dtype)
@@ -209,12 +210,12 @@ class Linear(nn.Module):
         weight = self._weight()
         if blocks.shape[0] != weight.shape[0] or not torch.equal(cpu_quant.dequantize(blocks, kind), weight):
             raise ValueError(f"the {kind} blocks do not hold this layer's weights")
-        tiles = cpu_amx.pack(blocks, kind) if cpu_amx.available() and cpu_amx.packable(blocks) else None
-        if tiles is not None:
+        tiles = cpu_amx.pack(blocks, kind) if cpu_amx.packable(blocks, kind) else None
+        if tiles is not None and cpu_amx.available():  # tiles take every call
             self._set(GGUFWeights(kind, None, None, tiles), _gguf)
-        else:
+        else:  # the blocks and fp16 take the calls of more rows than the tiles' few-row kernels
             fp16 = torch.ops.quantized.linear_prepack_fp16(weight, self._bias())
-            self._set(GGUFWeights(kind, blocks.contiguous(), fp16), _gguf)
+            self._set(GGUFWeights(kind, blocks.contiguous(), fp16, tiles), _gguf)
 
     def pack_int8(self, outliers: torch.Tensor | None = None) -> None:
         """Symmetric per-output-channel int8 weights, activations quantized per token at run time;

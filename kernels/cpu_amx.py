@@ -1,24 +1,26 @@
-"""GGUF block linears from compact tiles on Intel CPUs with AMX: every call of kernels/cpu_quant.py's blocks.
+"""GGUF block linears from compact tiles: on CPUs with AMX every call of kernels/cpu_quant.py's blocks.
 
 Weights are repacked once at load into AMX's B tile order, as compact as the checkpoint (5 bits a weight
 for Q4_1, 8.5 for Q8_0). Both paths below keep fp32's precision where fbgemm's fp16 weights, which took
 the calls of more rows before, were off by ~2e-4.
 
-- Up to 7 rows (5 for Q8_0): AVX-512 VNNI. A block's codes (Q4_1's 0..15, Q8_0's -127..127) widen to int16
-  in registers, and each input block of 32 values becomes two int16 codes per value against the block's
-  largest (~31 bits between them), so `vpdpwssd` gives q . x exactly in int32 and fp32 code applies the
-  block's fp16 scale and offset: y += d * (q . x) + m * sum(x); ~2e-7 relative. The tile order is already
-  VNNI's (a 32-bit lane holds one column's two consecutive k). Bound by reading the weights at 1-2 rows:
-  the default model's 120 projections took 3.1 ms at 1 row against the blocks' 4.4, and 5.3 at 5 rows
-  (speculative verification) against 7.9.
+- Up to 7 rows (5 for Q8_0): AVX-512 VNNI (AVX2's `vpmaddwd`, up to 2 rows, where there is none). A block's
+  codes (Q4_1's 0..15, Q8_0's -127..127) widen to int16 in registers, and each input block of 32 values
+  becomes two int16 codes per value against the block's largest (~31 bits between them), so `vpdpwssd`
+  gives q . x exactly in int32 and fp32 code applies the block's fp16 scale and offset:
+  y += d * (q . x) + m * sum(x); ~2e-7 relative. The tile order is already VNNI's (a 32-bit lane holds one
+  column's two consecutive k). Bound by reading the weights at 1-2 rows: the default model's 120
+  projections took 2.6-3.1 ms at 1 row against the blocks' 4.4, and 5.3-5.9 at 5 rows (speculative
+  verification) against 7.9.
 - More rows: AMX multiplies bf16 tiles into fp32. The codes are exact in bf16 and each input value is split
   into two bf16 parts, x = hi + lo (16 significant bits), so per block the tile unit computes q . x to
   ~3e-6 relative. A call expands a column tile's codes into bf16 B tiles once, in L1, and every 16 rows of x
   reuse them: 16 rows in 8.5 ms against the blocks' 19.1, 512 rows ~2x faster than fbgemm's fp16 GEMM, and
   the LM head at 32 rows in 2.3 ms against 7.6.
 
-Where the CPU, the compiler or the OS has no AMX, `available()` is False and the blocks and fbgemm keep
-these calls.
+Where the CPU, the compiler or the OS has no AMX, `available()` is False: the few-row kernels still read
+tiles (AVX-512 VNNI up to 7 rows, AVX2 up to 2; kernels/cpu_tiles_source.py), and the blocks and fbgemm
+take the calls of more rows.
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ import functools
 
 import torch
 
-from kernels import cpu_build, cpu_quant
+from kernels import cpu_build, cpu_quant, cpu_tiles_source
 
 TILE = 16  # output columns (weight rows) and input rows per tile
 # 16 weight rows x one block: 4-bit (Q4_1) or 8-bit (Q8_0) codes, fp16 scales (and Q4_1's offsets)
 TILE_BYTES = {"q4_1": 256 + 2 * 32, "q8_0": 512 + 32}
 
-C_BODY = r"""
+C_BODY = cpu_tiles_source.C_BODY + r"""
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -44,10 +46,6 @@ int amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_
 
 /* 16 weight rows x one 32-weight block, expanded: codes as a B tile (16 k pairs x 16 columns x 2 bf16), fp32 d, m */
 typedef struct { uint16_t codes[512]; float d[16], m[16]; } amx_wtile;
-
-/* 16 weight rows x one Q4_1 block, compact: the codes in B tile order (element i = k pair * 32 + column * 2
-   + k parity) as nibbles, elements 0-255 low and 256-511 high; fp16 d and m */
-typedef struct { uint8_t codes[256]; uint16_t d[16], m[16]; } amx_q4tile;
 
 /* tiles 0 and 4: C (R rows of 16 fp32); 1, 2 and 5, 6: A (x's hi and lo parts, R rows of 32 bf16); 3 and 7: B */
 static void amx_config(int R) {
@@ -106,9 +104,6 @@ static void amx_expand_q4(const amx_q4tile *src, amx_wtile *dst, int64_t nb) {
     }
 }
 
-/* 16 weight rows x one Q8_0 block, compact: int8 codes in B tile order, fp16 d */
-typedef struct { int8_t codes[512]; uint16_t d[16]; } amx_q8tile;
-
 /* nb compact tiles into B tiles and fp32 scales: int8 -> fp32 -> bf16, exact */
 static void amx_expand_q8(const amx_q8tile *src, amx_wtile *dst, int64_t nb) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -161,121 +156,11 @@ static inline __attribute__((always_inline)) void amx_tile(const uint16_t *a, co
     for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
 }
 
-/* x [M, K] per 32-value block as two int16 codes each, x ~= (c1 + c2 / 65534) * xs with xs = the block's
-   max |x| / 32767 (c2 codes what c1 missed: ~31 bits in all, as good as fp32 next to the block's largest
-   value); [M][K / 32][c1 then c2][32]. sx: the blocks' fp32 sums, xs their scales, both [M][K / 32]. */
-static void vnni_pack_x(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs, float *sx) {
-    const int64_t nb = K / 32;
-    for (int64_t i = 0; i < M * nb; ++i) {
-        const __m512 x0 = _mm512_loadu_ps(x + i * 32), x1 = _mm512_loadu_ps(x + i * 32 + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-        const float scale = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-        const __m512 r = _mm512_set1_ps(inv), s = _mm512_set1_ps(scale), fine = _mm512_set1_ps(65534.f);
-        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, r)), c1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, r));
-        /* what c missed, in units of xs / 65534: |x - c * xs| <= xs / 2 */
-        const __m512 e0 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(c0), s, x0), e1 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(c1), s, x1);
-        int16_t *q = xq + i * 64;
-        _mm256_storeu_si256((__m256i *)q, _mm512_cvtsepi32_epi16(c0));
-        _mm256_storeu_si256((__m256i *)(q + 16), _mm512_cvtsepi32_epi16(c1));
-        _mm256_storeu_si256((__m256i *)(q + 32), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e0, r), fine))));
-        _mm256_storeu_si256((__m256i *)(q + 48), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e1, r), fine))));
-        xs[i] = scale;
-        sx[i] = _mm512_reduce_add_ps(_mm512_add_ps(x0, x1));
-    }
-}
-
-/* y[R rows, one column tile's 16 columns] from the compact tiles w (nb of them): a block's codes, widened to
-   int16 in registers, times x's two int16 codes with VNNI's pairwise dot product (exact in int32), then
-   scaled by d * xs (and + m * sum(x) for Q4_1). The tiles' B order is already VNNI's: a 32-bit lane holds
-   one column's two consecutive k. */
-static inline __attribute__((always_inline)) void vnni_tile(const int16_t *xq, const float *xs, const float *sx,
-                                                            const void *w, float *y, int64_t nb, int64_t N,
-                                                            int rows, const int R, const int q4) {
-    __m512 acc[8];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi16(15);
-    const __m512 fine = _mm512_set1_ps(1.f / 65534.f);
-    for (int64_t b = 0; b < nb; ++b) {
-        __m512i s1[8], s2[8];
-        for (int r = 0; r < R; ++r) s1[r] = s2[r] = _mm512_setzero_si512();
-        __m512 d, m = _mm512_setzero_ps();
-        #define VNNI_DOT(v, p) for (int r = 0; r < R; ++r) { \
-            const int32_t *xp = (const int32_t *)(xq + (r * nb + b) * 64); \
-            s1[r] = _mm512_dpwssd_epi32(s1[r], v, _mm512_set1_epi32(xp[p])); \
-            s2[r] = _mm512_dpwssd_epi32(s2[r], v, _mm512_set1_epi32(xp[16 + (p)])); }
-        if (q4) {
-            const amx_q4tile *t = (const amx_q4tile *)w + b;
-            for (int l = 0; l < (int)sizeof(amx_q4tile); l += 64)  /* ~2 KB ahead, as the blocks' kernels */
-                _mm_prefetch((const char *)(t + 6) + l, _MM_HINT_T0);
-            for (int p = 0; p < 8; ++p) {
-                const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(t->codes + 32 * p)));
-                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi16(v, 4);
-                VNNI_DOT(lo, p)
-                VNNI_DOT(hi, p + 8)
-            }
-            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t->d));
-            m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t->m));
-        } else {
-            const amx_q8tile *t = (const amx_q8tile *)w + b;
-            for (int l = 0; l < (int)sizeof(amx_q8tile); l += 64)
-                _mm_prefetch((const char *)(t + 4) + l, _MM_HINT_T0);
-            for (int p = 0; p < 16; ++p) {
-                const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t->codes + 32 * p)));
-                VNNI_DOT(v, p)
-            }
-            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)t->d));
-        }
-        #undef VNNI_DOT
-        for (int r = 0; r < R; ++r) {
-            const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2[r]), fine, _mm512_cvtepi32_ps(s1[r]));
-            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xs[r * nb + b])), dot, acc[r]);
-            if (q4) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
-        }
-    }
-    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
-}
-
-/* Calls of up to this many rows take VNNI instead of the tiles, whose expansion of each column tile's codes
-   into bf16 costs more than its products at few rows (Q4_1 x 120 projections here, ms: 1 row 3.1 vs 5.6,
-   5 rows 5.3 vs 7.1, 8 rows 8.0 vs 7.7; Q8_0 LM head: 1 row 0.63 vs 1.25, 5 rows 1.11 vs 1.16, 8 rows 1.9 vs 1.3) */
-#define VNNI_MAX_ROWS_Q4_1 7
-#define VNNI_MAX_ROWS_Q8_0 5
-
-/* y[M, N] = x[M, K] @ W^T as amx_linear_f32, for M <= 8, from the same compact tiles */
-static void vnni_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int q4,
-                            int threads) {
-    const int64_t nb = K / 32, NT = N / 16;
-    const size_t tile = q4 ? sizeof(amx_q4tile) : sizeof(amx_q8tile);
-    int16_t *xq = aligned_alloc(64, sizeof(int16_t) * (size_t)(2 * M * K));
-    float *xs = malloc(sizeof(float) * (size_t)(M * nb)), *sx = malloc(sizeof(float) * (size_t)(M * nb));
-    vnni_pack_x(x, M, K, xq, xs, sx);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t nt = 0; nt < NT; ++nt) {
-        const void *wt = (const char *)w + (size_t)(nt * nb) * tile;
-        float *yt = y + nt * 16;
-        #define VNNI_TILE(R_) do { if (q4) vnni_tile(xq, xs, sx, wt, yt, nb, N, (int)M, R_, 1); \
-                                   else vnni_tile(xq, xs, sx, wt, yt, nb, N, (int)M, R_, 0); } while (0)
-        switch (M) {
-            case 1: VNNI_TILE(1); break; case 2: VNNI_TILE(2); break; case 3: VNNI_TILE(3); break;
-            case 4: VNNI_TILE(4); break; case 5: VNNI_TILE(5); break; case 6: VNNI_TILE(6); break;
-            case 7: VNNI_TILE(7); break; default: VNNI_TILE(8); break;
-        }
-        #undef VNNI_TILE
-    }
-    free(xq);
-    free(xs);
-    free(sx);
-}
-
 #define AMX_X_CHUNK_BYTES (1 << 20)
 
 /* y[M, N] = x[M, K] @ W^T, N % 16 == 0, K % 32 == 0. W as [N / 16][K / 32] compact tiles, amx_q4tile (q4)
    or amx_q8tile, each column tile's expanded once per call (per chunk of x) into a thread's scratch. */
 void amx_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int q4, int threads) {
-    if (M <= (q4 ? VNNI_MAX_ROWS_Q4_1 : VNNI_MAX_ROWS_Q8_0)) {
-        vnni_linear_f32(x, w, y, M, N, K, q4, threads);
-        return;
-    }
     const int64_t nb = K / 32, MT = (M + 15) / 16, NT = N / 16;
     const int R = M <= 8 ? 8 : 16;  /* the tiles' rows: fewer rows, less tile and vector work */
     uint16_t *a = aligned_alloc(64, (size_t)(MT * nb) * 2048);
@@ -323,6 +208,13 @@ void amx_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t 
 #define AMX_BUILT 0
 #endif
 int amx_built(void) { return AMX_BUILT; }
+
+/* y[M, N] = x[M, K] @ W^T from compact tiles: few rows on AVX-512 VNNI or AVX2, more on AMX (where callers
+   found it available) */
+void tile_linear_f32(const float *x, const void *w, float *y, int64_t M, int64_t N, int64_t K, int q4, int threads) {
+    if (M <= tiles_small_rows(q4)) small_linear_f32(x, w, y, M, N, K, q4, threads);
+    else amx_linear_f32(x, w, y, M, N, K, q4, threads);
+}
 """
 
 
@@ -332,21 +224,35 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.amx_linear_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
-    lib.amx_linear_f32.restype = None
+    lib.tile_linear_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.tile_linear_f32.restype = None
+    lib.tiles_small_rows.argtypes, lib.tiles_small_rows.restype = [ctypes.c_int], ctypes.c_int
     lib.amx_built.restype = lib.amx_request.restype = ctypes.c_int
     return lib
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel was built with AMX and the OS gave this process tile state."""
+    """Whether the kernel was built with AMX and the OS gave this process tile state: then tiles take every call."""
     lib = _library()
     return lib is not None and lib.amx_built() == 1 and lib.amx_request() == 1
 
 
-def packable(blocks: torch.Tensor) -> bool:
-    return blocks.shape[0] % TILE == 0
+@functools.cache
+def small_rows(kind: str) -> int:
+    """The most rows of a call the few-row kernels take (AVX-512 VNNI or AVX2), 0 where there are none."""
+    lib = _library()
+    return 0 if lib is None else lib.tiles_small_rows(int(kind == "q4_1"))
+
+
+def takes(rows: int, kind: str) -> bool:
+    """Whether a call of `rows` rows can run from tiles here."""
+    return rows <= small_rows(kind) or available()
+
+
+def packable(blocks: torch.Tensor, kind: str) -> bool:
+    """Whether `blocks` make tiles and some call here would read them."""
+    return blocks.shape[0] % TILE == 0 and (available() or small_rows(kind) > 0)
 
 
 def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -390,15 +296,15 @@ def unpack(tiles: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, tiles: torch.Tensor, kind: str) -> torch.Tensor:
-    """x [M, K] (`cpu_quant.readable`) @ W^T -> [M, N], W as `pack` made `tiles` of it. Needs `available()`."""
-    if not available():  # without the process's tile state the first tile instruction is SIGILL
-        raise RuntimeError("AMX is not available here")
+    """x [M, K] (`cpu_quant.readable`) @ W^T -> [M, N], W as `pack` made `tiles` of it, where `takes(M, kind)`."""
+    if not takes(x.shape[0], kind):  # without the process's tile state the first tile instruction is SIGILL
+        raise RuntimeError(f"no kernel here takes {x.shape[0]} rows from tiles (AMX is not available)")
     m, k = x.shape
     nt, nb, size = tiles.shape
     assert size == TILE_BYTES[kind] and k == nb * 32 and tiles.is_contiguous()
     assert x.dtype == torch.float32 and x.is_contiguous()
     n = nt * TILE
     y = torch.empty(m, n)
-    _library().amx_linear_f32(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k, int(kind == "q4_1"),
-                              cpu_quant.threads(n, k))
+    _library().tile_linear_f32(x.data_ptr(), tiles.data_ptr(), y.data_ptr(), m, n, k, int(kind == "q4_1"),
+                               cpu_quant.threads(n, k))
     return y

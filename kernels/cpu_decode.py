@@ -41,6 +41,7 @@ typedef struct {
     const int64_t *tables, *lens, *qstart, *qlen;  /* attention's requests, as paged_attention_f32 takes them */
     int64_t table_stride, R, work;
     int threads;
+    int amx;  /* whether AMX takes the tiles' calls of many rows */
 } stack_step;
 
 /* the thread counts the Python wrappers pick for the same calls */
@@ -49,8 +50,8 @@ static inline int ops_threads(const stack_step *s, int64_t elements) { return el
 static inline void linear(const stack_step *s, int kind, const float *x, const void *w, const void *tiles,
                           float *y, int64_t N, int64_t K) {
     const int t = N * K >= QUANT_MIN ? s->threads : 1;
-    if (tiles != NULL)
-        amx_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
+    if (tiles != NULL && (s->amx || s->M <= tiles_small_rows(kind == 0)))
+        tile_linear_f32(x, tiles, y, s->M, N, K, kind == 0, t);
     else if (kind == 0) q4_1_linear_f32(x, w, y, s->M, N, K, t);
     else q8_0_linear_f32(x, w, y, s->M, N, K, t);
 }
@@ -111,7 +112,8 @@ class _Step(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("M", "H", "NH", "NKV", "D", "I", "BS")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float)] + \
                [(name, ctypes.c_void_p) for name in ("cos", "sin", "slots", "tables", "lens", "qstart", "qlen")] + \
-               [(name, ctypes.c_int64) for name in ("table_stride", "R", "work")] + [("threads", ctypes.c_int)]
+               [(name, ctypes.c_int64) for name in ("table_stride", "R", "work")] + \
+               [("threads", ctypes.c_int), ("amx", ctypes.c_int)]
 
 
 @functools.cache
@@ -159,7 +161,7 @@ class DecodeStack:
         self.layers, self.shape = layers, shape
         projections = [p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         # the calls the Python path sends to the blocks, or to the tiles, which take any number of rows
-        tiled = all(tiles is not None for _, _, tiles in projections)
+        tiled = cpu_amx.available() and all(tiles is not None for _, _, tiles in projections)
         self.max_rows = _TILED_MAX_ROWS if tiled else min(cpu_quant.max_rows(kind) for kind, _, _ in projections)
         self._table = (_Layer * len(layers))()
         for entry, layer in zip(self._table, layers):
@@ -198,7 +200,7 @@ class DecodeStack:
                      s.scale, cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
                      short.block_tables.data_ptr(), short.seq_lens.data_ptr(), short.query_start.data_ptr(),
                      short.query_len.data_ptr(), short.block_tables.stride(0), meta.num_seqs, short.work,
-                     torch.get_num_threads())
+                     torch.get_num_threads(), int(cpu_amx.available()))
         _library().decode_stack_f32(x.data_ptr(), ctypes.addressof(self._table), len(self.layers),
                                     ctypes.addressof(step))
         return x
