@@ -256,8 +256,8 @@ def packable(blocks: torch.Tensor, kind: str) -> bool:
 
 
 def pack(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """`blocks` [N, K / 32 * block bytes] of `kind` as tiles [N / 16, K / 32, tile bytes] uint8: Q4_1 as
-    compact 4-bit tiles (320 bytes), Q8_0 as bf16 B tiles with fp32 scales (1152 bytes)."""
+    """`blocks` [N, K / 32 * block bytes] of `kind` as tiles [N / 16, K / 32, TILE_BYTES[kind]] uint8: the codes
+    in B tile order, Q4_1's as nibbles (320 bytes with fp16 d and m), Q8_0's as int8 (544 bytes with fp16 d)."""
     n = blocks.shape[0]
     b = blocks.view(n, -1, cpu_quant.BLOCK_BYTES[kind])
     nb, nt = b.shape[1], n // TILE

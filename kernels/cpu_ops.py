@@ -296,11 +296,9 @@ def int8_quantize(x: torch.Tensor, outliers: torch.Tensor,
     """(q, o, scale) for a static int8 GEMM's input x [T, N]: o as `int8_prepare`; q [T, N] int8 holds x with
     the outliers zeroed, per row symmetric: x_inliers ~= q * scale, scale [T, 1] = max |row| / 127."""
     lib = _fast(x, inlier_mask)
-    if lib is None or x.dim() != 2:
-        o = torch.index_select(x, 1, outliers) if len(outliers) else None
-        y = x * inlier_mask
-        scale = y.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127  # [T, 1]
-        return torch.round(y / scale).to(torch.int8), o, scale
+    if lib is None or x.dim() != 2:  # int8_prepare's torch path, its rows (max |y| = 1) then coded
+        y, o, row_max = int8_prepare(x, outliers, inlier_mask, scale_rows=True)
+        return torch.round(y * 127).to(torch.int8), o, row_max / 127
     t, n = x.shape
     q, o_all, scale = torch.empty(t, n, dtype=torch.int8), torch.empty(t, len(outliers)), torch.empty(t, 1)
     lib.int8_quantize_f32(x.data_ptr(), x.stride(0), inlier_mask.data_ptr(), outliers.data_ptr(), len(outliers),

@@ -194,11 +194,11 @@ static inline __attribute__((always_inline)) void small_tile(const int16_t *xq, 
         #undef SMALL_DOT
         for (int h = 0; h < 2; ++h) {
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dp + 8 * h)));
+            const __m256 m = q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + 8 * h))) : _mm256_setzero_ps();
             for (int r = 0; r < R; ++r) {
                 const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s2[r][h]), fine, _mm256_cvtepi32_ps(s1[r][h]));
                 acc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xs[r * nb + b])), dot, acc[r][h]);
-                if (q4) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mp + 8 * h))),
-                                                    _mm256_set1_ps(sx[r * nb + b]), acc[r][h]);
+                if (q4) acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[r * nb + b]), acc[r][h]);
             }
         }
     }
