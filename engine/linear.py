@@ -33,6 +33,11 @@ def _onednn(x: torch.Tensor, packed: object, bias: torch.Tensor | None) -> torch
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def onednn_fp32_weight(lin: Linear) -> torch.Tensor | None:
+    """`lin`'s oneDNN-packed fp32 weights [out, in], where `pack_fp32` packed it."""
+    return lin.packed if lin.kernel is _onednn else None
+
+
 def _scripted(fn: Callable) -> Callable:
     """fn compiled by TorchScript, or fn itself where TorchScript cannot compile it (same results).
 
@@ -73,7 +78,7 @@ def _onednn_int8_fits() -> bool:
     return amx and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
 
 
-_ONEDNN_MIN_ROWS = 10  # the crossover, 121 projections: 8 rows 13.9 (fbgemm) vs 14.0 ms, 12 rows 15.8 vs 14.8
+ONEDNN_MIN_ROWS = 10  # the crossover, 121 projections: 8 rows 13.9 (fbgemm) vs 14.0 ms, 12 rows 15.8 vs 14.8
 
 
 @contextmanager
@@ -113,7 +118,7 @@ class Int8Weights:
     outliers: torch.Tensor  # [k] input channels that skip quantization
     inlier_mask: torch.Tensor  # [in] 0 at the outliers, 1 elsewhere
     outlier_weight_t: torch.Tensor  # [k, out]
-    onednn: OneDNNInt8 | None = None  # for calls of _ONEDNN_MIN_ROWS and more
+    onednn: OneDNNInt8 | None = None  # for calls of ONEDNN_MIN_ROWS and more
 
 
 def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.Tensor:
@@ -124,16 +129,13 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
     # first (per-token precision; scaling a row commutes with the matmul).
     # (one row: fbgemm's per-tensor scale already is per token). oneDNN's calls get the scaled rows as
     # symmetric 8-bit codes: with them the quality gate read 7 of 20 answers equal, not 3 (engine/loader.py).
-    if w.onednn is not None and x.shape[0] >= _ONEDNN_MIN_ROWS:
+    if w.onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
         q, outliers, scale = cpu_ops.int8_quantize(x, w.outliers, w.inlier_mask)
         y = _onednn_int8(q, w.onednn)  # [T, out]
     else:
         x, outliers, scale = cpu_ops.int8_prepare(x, w.outliers, w.inlier_mask, scale_rows=x.shape[0] > 1)
         y = _fbgemm_int8(x, w.packed)  # [T, out]
-    if scale is not None:
-        y = y.mul_(scale)
-    if outliers is not None:
-        y = y.addmm_(outliers, w.outlier_weight_t)
+    y = cpu_ops.int8_finish(y, scale, outliers, w.outlier_weight_t)
     return y if bias is None else y.add_(bias)
 
 

@@ -112,29 +112,34 @@ def kv_variant(element: str, suffix: str, body: str) -> str:
     return f"#define KV_T {element}\n#define KV(name) name##_{suffix}\n{body}#undef KV_T\n#undef KV\n"
 
 
-def load(name: str, source: str) -> ctypes.CDLL | None:
-    """The library built from `source`, or None where it cannot be built."""
+def load(name: str, source: str, cxx_flags: list[str] | None = None) -> ctypes.CDLL | None:
+    """The library built from `source`, or None where it cannot be built. With `cxx_flags` the source is
+    C++, built with those flags added (include paths, libraries)."""
     if os.environ.get("SLUICE_CPU_KERNELS", "1") == "0" or platform.system() != "Linux":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cxx_flags is None:
+        compiler, flags, suffix = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"), FLAGS, ".c"
+    else:
+        compiler, flags, suffix = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++"), \
+            FLAGS + ["-std=c++17", "-w"] + cxx_flags, ".cpp"
     if compiler is None:
-        log.info("no C compiler: the CPU kernels' torch paths run instead")
+        log.info("no compiler for %s: the CPU kernels' torch paths run instead", name)
         return None
-    digest = cache_key(source)
+    digest = cache_key(source, flags)
     home = Path(os.environ.get("SLUICE_HOME", Path.home() / ".cache" / "sluice"))
     target = home / "kernels" / f"{name}_{digest}.so"
     try:
         if not target.exists():
-            _compile(compiler, source, target)
+            _compile(compiler, source, target, flags, suffix)
         return ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         log.warning("CPU kernel %s unavailable (%s): using the torch path", name, exc)
         return None
 
 
-def cache_key(source: str) -> str:
+def cache_key(source: str, flags: list[str] = FLAGS) -> str:
     """What a built library is cached under: its source, the flags and the CPU it was built for."""
-    return hashlib.sha256((source + " ".join(FLAGS) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
+    return hashlib.sha256((source + " ".join(flags) + platform.machine() + _cpu_flags()).encode()).hexdigest()[:16]
 
 
 def _cpu_flags() -> str:
@@ -147,11 +152,13 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _compile(compiler: str, source: str, target: Path) -> None:
+def _compile(compiler: str, source: str, target: Path, flags: list[str], suffix: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / f"{target.stem}.c", Path(tmp) / target.name
+        src, out = Path(tmp) / f"{target.stem}{suffix}", Path(tmp) / target.name
         src.write_text(source)
-        subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True,
-                       timeout=120)
+        # libraries after the source: with --as-needed linkers, a library named before it is dropped
+        libs = [f for f in flags if f.startswith("-l")]
+        subprocess.run([compiler, *[f for f in flags if f not in libs], str(src), "-o", str(out), *libs, "-lm"],
+                       check=True, capture_output=True, timeout=300)
         os.replace(out, target)  # atomic: a concurrent process sees the whole file or none

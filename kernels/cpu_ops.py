@@ -141,6 +141,26 @@ void int8_quantize_f32(const float *x, int64_t xs, const float *mask, const int6
     }
 }
 
+/* The end of an int8 linear, one pass per row: y [T, N] = y * scale[t] (NULL: no row scales) + o [T, K] . wt [K, N],
+   the outlier channels' fp32 product. All contiguous. */
+void int8_finish_f32(float *y, const float *scale, const float *o, const float *wt, int64_t T, int64_t N, int64_t K,
+                     int threads) {
+    #pragma omp parallel for num_threads(threads)
+    for (int64_t t = 0; t < T; ++t) {
+        float *yt = y + t * N;
+        if (scale != NULL) {
+            const float st = scale[t];
+            #pragma omp simd
+            for (int64_t n = 0; n < N; ++n) yt[n] *= st;
+        }
+        for (int64_t j = 0; j < K; ++j) {
+            const float a = o[t * K + j], *wj = wt + j * N;
+            #pragma omp simd
+            for (int64_t n = 0; n < N; ++n) yt[n] += a * wj[n];
+        }
+    }
+}
+
 /* out[t] = the index of the first maximum of row t of x [T, N] (rows at stride xs), a NaN counting as the
    maximum, as torch.argmax has it. */
 void argmax_rows_f32(const float *x, int64_t xs, int64_t *out, int64_t T, int64_t N, int threads) {
@@ -186,6 +206,7 @@ def _library() -> ctypes.CDLL | None:
         "int8_prepare_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
         "int8_quantize_f32": [ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i32],
         "argmax_rows_f32": [ptr, i64, ptr, i64, i64, i32],
+        "int8_finish_f32": [ptr, ptr, ptr, ptr, i64, i64, i64, i32],
     }
     if hasattr(lib, "rope_write_kv_f16"):  # built where the compiler has _Float16
         signatures["rope_write_kv_f16"] = signatures["rope_write_kv_f32"]
@@ -304,6 +325,23 @@ def int8_quantize(x: torch.Tensor, outliers: torch.Tensor,
     lib.int8_quantize_f32(x.data_ptr(), x.stride(0), inlier_mask.data_ptr(), outliers.data_ptr(), len(outliers),
                           q.data_ptr(), o_all.data_ptr(), scale.data_ptr(), t, n, _threads(t * n))
     return q, (o_all if len(outliers) else None), scale
+
+
+def int8_finish(y: torch.Tensor, scale: torch.Tensor | None, outliers: torch.Tensor | None,
+                outlier_weight_t: torch.Tensor) -> torch.Tensor:
+    """y * scale + outliers @ outlier_weight_t, written into y [T, N]: an int8 GEMM's output with its rows' scales
+    [T, 1] (None: none) and the outlier channels [T, K] (None: none) times their fp32 weights [K, N]."""
+    parts = [t for t in (y, scale, outliers) if t is not None]
+    lib = _fast(*parts, outlier_weight_t)
+    if lib is None or y.dim() != 2 or not all(t.is_contiguous() for t in parts + [outlier_weight_t]):
+        y = y if scale is None else y.mul_(scale)
+        return y if outliers is None else y.addmm_(outliers, outlier_weight_t)
+    t, n = y.shape
+    k = 0 if outliers is None else outliers.shape[1]
+    lib.int8_finish_f32(y.data_ptr(), None if scale is None else scale.data_ptr(),
+                        None if outliers is None else outliers.data_ptr(), outlier_weight_t.data_ptr(), t, n, k,
+                        _threads(t * n * (k + 1)))
+    return y
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,16 @@
-"""kernels/cpu_decode.py: a gguf model's decoder stack in one C call gives bit for bit the Python path's output."""
+"""kernels/cpu_decode.py: a gguf or int8 model's decoder stack in one C call gives bit for bit the Python path's
+output."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine import linear
 from engine.default_model import resolve_model
 from engine.linear import Linear
 from engine.loader import build_model
 from engine.model_runner import ModelRunner
-from kernels import cpu_amx, cpu_decode, cpu_quant
+from kernels import cpu_amx, cpu_decode, cpu_library_gemm, cpu_quant
 from kernels.cpu_decode import DecodeStack
 from tests.helpers import CountingStack, scheduled, step_logits
 from tests.test_gguf_blocks import random_blocks
@@ -100,6 +102,34 @@ def test_stack_takes_only_the_rows_every_layer_kind_takes(tiny_llama_dir, monkey
     assert calls == 2  # the one-row and the two-request steps; 5 rows go layer by layer
     for got, want in zip(fused, plain):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not cpu_library_gemm.available(), reason="no C++ compiler or torch headers here")
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_library_gemm_stack_equals_the_layer_by_layer_path(quantization, arch, tiny_llama_dir, tiny_qwen2_dir,
+                                                           monkeypatch):
+    # oneDNN's int8 GEMM runs on any x86 CPU (the engine packs for it where there is AMX); the Python path
+    # takes it at every row count here, as the stack does, so both run the same kernels
+    monkeypatch.setattr(linear, "_onednn_int8_fits", lambda: True)
+    monkeypatch.setattr(linear, "ONEDNN_MIN_ROWS", 1)
+    model = build_model(resolve_model(str(tiny_llama_dir if arch == "llama" else tiny_qwen2_dir)))[0]
+    model.requires_grad_(False)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    model.pack_linears(quantization, outliers={lin: torch.tensor([1, 6]) for lin in linears[::2]})  # int8's fp32 channels
+    assert model.decode_stack is not None and model.decode_stack.max_rows == cpu_decode._TILED_MAX_ROWS
+    fused, calls = _steps(model, True)
+    plain, no_calls = _steps(model, False)
+    assert no_calls == 0 and calls == len(SHORT_STEP_ROWS)
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+
+
+def test_no_int8_stack_without_onednn_weights(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(linear, "_onednn_int8_fits", lambda: False)  # fbgemm's weights: no GEMM C can call
+    model = build_model(resolve_model(str(tiny_llama_dir)))[0].requires_grad_(False)
+    model.pack_linears("int8")
+    assert model.decode_stack is None
 
 
 def test_no_stack_where_a_projection_has_no_blocks(tiny_llama_dir):

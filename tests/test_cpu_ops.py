@@ -126,6 +126,21 @@ def test_int8_quantize_matches_its_torch_path_and_bounds_the_rounding(t, k):
         assert o is None and o_ref is None
 
 
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("k", [0, 3])
+def test_int8_finish_scales_rows_and_adds_the_outlier_product(t, k):
+    gen = torch.Generator().manual_seed(t + k)
+    y, scale = torch.randn(t, 300, generator=gen), torch.rand(t, 1, generator=gen) + 0.5
+    outliers, weight_t = torch.randn(t, k, generator=gen) * 100, torch.randn(k, 300, generator=gen)
+    for row_scale in (scale, None):
+        want = (y if row_scale is None else y * row_scale) + outliers @ weight_t
+        got = cpu_ops.int8_finish(y.clone(), row_scale, outliers if k else None, weight_t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        with torch.enable_grad():  # the torch path
+            ref = cpu_ops.int8_finish(y.clone().requires_grad_(True) + 0, row_scale, outliers if k else None, weight_t)
+        torch.testing.assert_close(ref.detach(), want, rtol=1e-5, atol=1e-3)
+
+
 def test_argmax_matches_torch_on_ties_nan_and_strided_rows():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 1000, generator=gen)

@@ -12,6 +12,7 @@ from engine.kv_cache import resolve_kv_cache_dtype
 from engine import linear
 from engine.linear import Linear
 from engine.loader import PASSES_QUALITY_GATE, resolve_quantization
+from kernels import cpu_library_gemm
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about autumn leaves.", "Explain what a linked list is.",
@@ -90,7 +91,7 @@ def test_int8_calls_of_many_rows_take_onednn_where_it_has_amx():
     torch.manual_seed(0)
     lin = Linear(64, 96, bias=True)
     torch.nn.init.normal_(lin.weight_t, std=0.1)
-    x = torch.randn(linear._ONEDNN_MIN_ROWS + 8, 64)
+    x = torch.randn(linear.ONEDNN_MIN_ROWS + 8, 64)
     ref = lin(x)
     engine = torch.backends.quantized.engine
     lin.pack_int8()
@@ -99,6 +100,22 @@ def test_int8_calls_of_many_rows_take_onednn_where_it_has_amx():
     many, few = lin(x), lin(x[:4])  # few: fbgemm
     for got, want in ((many, ref), (few, ref[:4])):
         assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 0.03
+
+
+@pytest.mark.skipif(not cpu_library_gemm.available(), reason="no C++ compiler or torch headers here")
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_library_gemm_from_c_sums_what_the_op_returns(rows):
+    # the int8 decode stack's GEMM (kernels/cpu_library_gemm.py): the same op, summing into the caller's output
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-127, 128, (96, 64), dtype=torch.int8, generator=gen)
+    w = linear.OneDNNInt8.pack(weight, torch.rand(96, generator=gen) / 100)
+    gemm = cpu_library_gemm.Int8Gemm(w.packed, w.scales, w.zero_points, 96)
+    q = torch.randint(-127, 128, (rows, 64), dtype=torch.int8, generator=gen)
+    y = torch.randn(rows, 96, generator=gen)
+    product = linear._onednn_int8(q, w)  # [rows, 96]
+    exact = (q.double() @ weight.double().t() * w.scales.double()).float()
+    torch.testing.assert_close(product, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemm(q, y.clone()), y + product, rtol=1e-6, atol=1e-6)
 
 
 def test_fbgemm_calls_go_through_torchscript():
