@@ -1,5 +1,6 @@
 """The model's linear layer and its CPU weight formats: oneDNN fp32, fbgemm fp16 weights, int8 (fbgemm, and
 oneDNN for batched calls where the CPU has AMX), and a GGUF checkpoint's own blocks (C kernels, AMX tiles).
+Decode steps of oneDNN fp32 and int8 weights run the same library calls from C (kernels/cpu_decode.py).
 
 Measured here (2 cores, AVX2) over the default model's 120 projection matrices, ms per pass, each
 through Linear.forward as the model calls it:
@@ -12,7 +13,8 @@ through Linear.forward as the model calls it:
 (Plain fp32 `x @ W^T` took 29.5 / 134.8 / 1140 ms at the time the formats were chosen.)
 The int8 kernel adds fp32 outlier channels and per-token scales to fbgemm's call (perplexity
 on the quality-gate text 98 -> 37 against fp32's 36); that costs ~+2 ms at 1 row and ~+12 ms at 32,
-mostly the outliers' rank-k update (torch addmm, ~90 us for 32 rows of a 3072-wide output).
+mostly the outliers' rank-k update (torch addmm, ~90 us for 32 rows of a 3072-wide output; now one C pass
+with the row scales, cpu_ops.int8_finish).
 """
 from __future__ import annotations
 

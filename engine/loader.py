@@ -64,7 +64,10 @@ def check_device(device: str, kv_cache_memory: int | None = None) -> None:
 # over 16 tokens here. With calibrated outliers and per-token activation scales its perplexity on the
 # gate's text is 37.1 against fp32's 36.0 (+3%; 98.2 with fbgemm's plain per-tensor scales); where the CPU
 # has AMX, batched calls take symmetric 8-bit per-token codes into oneDNN (engine/linear.py), and the gate
-# reads 7 of 20 answers equal and perplexity 36.57 (+1.6%).
+# reads 4 of 20 answers equal and perplexity 36.73 (+2.0%). The last figures move with fp32 rounding order alone:
+# the row scales and outlier product as torch's mul_ and addmm_ gave 7 of 20 and 36.57, the same sums in one C
+# loop (cpu_ops.int8_finish, as accurate against fp64) 4 and 36.73; 1e-6 relative noise on the embeddings moves
+# the final hidden states of this int8 path by 2-4%.
 # Simulated (fake-quant) on the gate: int8 weights with fp32 outlier columns keep 13-15 of 20, but
 # quantizing activations (7-bit as fbgemm on AVX2, or 8-bit) drops that to 4-6 of 20, and neither
 # GPTQ weights (2.8x lower layer output error) nor SmoothQuant scaling (alpha 0.5 / 0.8) lifts it past
