@@ -4,7 +4,8 @@
 
 Sluice runs every request concurrently (continuous batching); transformers runs them one at a
 time (on the first --hf-single requests, to keep the run short) and in static, padded batches of 16,
-each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, gguf, int8).
+each best of --hf-repeats runs. --also adds Sluice rows with other CPU weight formats (fp16, gguf, int8), run
+round by round between the fp32 ones.
 Output tokens/s counts only the tokens each request asked for. KV waste: allocated KV slots not
 assigned to a token of their sequence, over all allocated slots, summed over steps (what the PagedAttention
 paper counts: the unused tail of each request's last block). A line below gives the stricter count, where
@@ -155,12 +156,17 @@ def main() -> None:
     rounds = [workload(args.requests, vocab, seed=r) for r in range(args.rounds)]
     jobs = rounds[0]
     warm = workload(2, vocab, seed=99)
-    run_sluice(eng, warm)
-    run_sluice(eng_off, warm)
-    ons, offs = [], []
+    # the other formats run in the same rounds, so that the machine's slow and fast phases (minutes long
+    # here) fall on every configuration alike
+    others = {q: engine(True, q) for q in (args.also if args.device == "cpu" else [])}
+    for e in (eng, eng_off, *others.values()):
+        run_sluice(e, warm)
+    ons, offs, other_runs = [], [], {q: [] for q in others}
     for r, w in enumerate(rounds):
         for caching in ((True, False) if r % 2 == 0 else (False, True)):
             (ons if caching else offs).append(run_sluice(eng if caching else eng_off, w))
+        for q, e in others.items():
+            other_runs[q].append(run_sluice(e, w))
     on, off = best(ons), best(offs)
     rows = [row("sluice (prefix caching on)", on, ons), row("sluice (prefix caching off)", off, offs)]
     header = ["engine", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms", "KV waste %"]
@@ -173,14 +179,12 @@ def main() -> None:
               f"KV waste counting the slot of each request's sampled token as empty until the next step writes "
               f"its KV: {waste_pct(ons, 'held'):.2f}% (caching on), {waste_pct(offs, 'held'):.2f}% (off); the least "
               f"whole blocks could waste on it: {waste_pct(ons, 'held', 'fewest'):.2f}%"]
-    for quantization in args.also if args.device == "cpu" else []:
-        other = engine(True, quantization)
-        run_sluice(other, warm)
-        runs = [run_sluice(other, w) for w in rounds]
+    for quantization, runs in other_runs.items():
         rows.append(row(f"sluice {quantization} (prefix caching on)", best(runs), runs))
+        per_round = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(runs, ons))
         ratios.append(f"sluice {quantization} vs sluice {_format(args.quantization)}: "
-                      f"{best(runs)['tok_s'] / on['tok_s']:.2f}x")
-        del other
+                      f"{best(runs)['tok_s'] / on['tok_s']:.2f}x (best rounds; {per_round:.2f}x median of paired rounds)")
+    del others
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
