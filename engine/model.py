@@ -97,13 +97,13 @@ def decode_stack(layers: list[DecoderLayer], cfg: ModelConfig) -> DecodeStack | 
         return None
     if all(isinstance(lin.packed, GGUFWeights) for lin in linears):
         convert = _gguf_projection
-    elif not cpu_library_gemm.available():
-        return None
     elif all(isinstance(lin.packed, Int8Weights) and lin.packed.onednn is not None for lin in linears):
         convert = _int8_projection
     elif all(onednn_fp32_weight(lin) is not None for lin in linears):
         convert = _fp32_projection
     else:
+        return None
+    if convert is not _gguf_projection and not cpu_library_gemm.available():
         return None
     stack = [StackLayer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         *(convert(lin) for lin in ls), qkv_bias=None if ls[0].bias is None else ls[0].bias.detach())

@@ -74,7 +74,8 @@ static int int8_linear(const stack_step *s, const projection *p, const float *x,
                        const int8_scratch *w) {
     const int64_t M = s->M, k = p->n_outliers;
     int8_quantize_f32(x, K, p->inlier_mask, p->outliers, k, w->q, w->outliers, w->scale, M, K, ops_threads(s, M * K));
-    memset(y, 0, sizeof(float) * (size_t)(M * N));
+    #pragma omp parallel for num_threads(ops_threads(s, M * N))  /* ~20 MB a 32-row step: one thread took ~1 ms */
+    for (int64_t t = 0; t < M; ++t) memset(y + t * N, 0, sizeof(float) * (size_t)N);
     if (p->gemm(p->ctx, w->q, M, K, y)) return 1;
     int8_finish_f32(y, w->scale, w->outliers, p->outlier_weight_t, M, N, k, ops_threads(s, M * N * (k + 1)));
     return 0;
@@ -118,10 +119,11 @@ int decode_stack_f32(float *x, const stack_layer *layers, int64_t L, const stack
     float *buf = malloc(sizeof(float) * (size_t)(M * (3 * H + QKV + A + 3 * I + widest + 1)) + (size_t)(M * widest));
     float *h = buf, *qkv = h + M * H, *attn = qkv + M * QKV, *o = attn + M * A, *gu = o + M * H;
     float *act = gu + 2 * M * I, *down = act + M * I;
+    /* then int8's scratch: outlier channels [M, <= widest] and row scales [M] as floats, codes [M, widest] */
     const int8_scratch w = {(int8_t *)(down + M * (H + widest + 1)), down + M * H, down + M * (H + widest)};
     const int attn_threads = s->NKV * s->work >= ATTN_MIN ? s->threads : 1;
     int failed = 0;
-    for (int64_t l = 0; l < L && !failed; ++l) {
+    for (int64_t l = 0; l < L; ++l) {
         const stack_layer *ly = layers + l;
         rms_norm_f32(x, H, ly->input_norm, h, M, H, s->eps, ops_threads(s, M * H));
         if ((failed = linear(s, &ly->qkv, h, qkv, QKV, H, &w))) break;
