@@ -141,22 +141,46 @@ void int8_quantize_f32(const float *x, int64_t xs, const float *mask, const int6
     }
 }
 
-/* The end of an int8 linear, one pass per row: y [T, N] = y * scale[t] (NULL: no row scales) + o [T, K] . wt [K, N],
-   the outlier channels' fp32 product. All contiguous. */
+/* The end of an int8 linear: y [T, N] = y * scale[t] (NULL: no row scales) + o [T, K] . wt [K, N], the outlier
+   channels' fp32 product, per element in that order. All contiguous. R rows at once, so that each vector of wt is
+   read once for all of them: a row at a time re-read all of wt per row, and ran slower than torch's mul_ and
+   addmm_ (587 against 399 us for 512 rows of 3072 with 10 outliers). */
+static inline __attribute__((always_inline)) void finish_rows(float *y, const float *scale, const float *o,
+                                                              const float *wt, const int R, int64_t N, int64_t K) {
+    int64_t n = 0;
+    for (; n + VLANES <= N; n += VLANES) {
+        vecf acc[4];
+        for (int r = 0; r < R; ++r) {
+            acc[r] = loadv(y + r * N + n);
+            if (scale != NULL) acc[r] *= scale[r];
+        }
+        for (int64_t j = 0; j < K; ++j) {
+            const vecf w = loadv(wt + j * N + n);
+            for (int r = 0; r < R; ++r) acc[r] += o[r * K + j] * w;
+        }
+        for (int r = 0; r < R; ++r) memcpy(y + r * N + n, &acc[r], sizeof acc[r]);
+    }
+    for (; n < N; ++n)
+        for (int r = 0; r < R; ++r) {
+            float v = y[r * N + n];
+            if (scale != NULL) v *= scale[r];
+            for (int64_t j = 0; j < K; ++j) v += o[r * K + j] * wt[j * N + n];
+            y[r * N + n] = v;
+        }
+}
+
 void int8_finish_f32(float *y, const float *scale, const float *o, const float *wt, int64_t T, int64_t N, int64_t K,
                      int threads) {
     #pragma omp parallel for num_threads(threads)
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T; t += 4) {
+        const float *st = scale == NULL ? NULL : scale + t;
         float *yt = y + t * N;
-        if (scale != NULL) {
-            const float st = scale[t];
-            #pragma omp simd
-            for (int64_t n = 0; n < N; ++n) yt[n] *= st;
-        }
-        for (int64_t j = 0; j < K; ++j) {
-            const float a = o[t * K + j], *wj = wt + j * N;
-            #pragma omp simd
-            for (int64_t n = 0; n < N; ++n) yt[n] += a * wj[n];
+        const float *ot = K > 0 ? o + t * K : o;  /* o may be NULL where there are no outliers */
+        switch (T - t < 4 ? T - t : 4) {  /* a constant R: the accumulators stay in registers */
+            case 4: finish_rows(yt, st, ot, wt, 4, N, K); break;
+            case 3: finish_rows(yt, st, ot, wt, 3, N, K); break;
+            case 2: finish_rows(yt, st, ot, wt, 2, N, K); break;
+            default: finish_rows(yt, st, ot, wt, 1, N, K);
         }
     }
 }
