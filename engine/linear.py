@@ -130,7 +130,8 @@ def _int8(x: torch.Tensor, w: Int8Weights, bias: torch.Tensor | None) -> torch.T
     # outlier channels found at load go through an fp32 matmul, and rows are scaled to max |x| = 1
     # first (per-token precision; scaling a row commutes with the matmul).
     # (one row: fbgemm's per-tensor scale already is per token). oneDNN's calls get the scaled rows as
-    # symmetric 8-bit codes: with them the quality gate read 7 of 20 answers equal, not 3 (engine/loader.py).
+    # symmetric 8-bit codes: with them the quality gate read 7 of 20 answers equal, not 3 (4 with the C epilogue's
+    # rounding order: engine/loader.py).
     if w.onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
         q, outliers, scale = cpu_ops.int8_quantize(x, w.outliers, w.inlier_mask)
         y = _onednn_int8(q, w.onednn)  # [T, out]

@@ -139,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.decode_stack: DecodeStack | None = None  # gguf's and int8's layers in one C call, for short queries
+        self.decode_stack: DecodeStack | None = None  # gguf's, int8's or fp32's layers in one C call
 
     def pack_linears(self, quantization: str, progress: bool = False,
                      outliers: dict[Linear, torch.Tensor] | None = None,
