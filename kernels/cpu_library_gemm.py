@@ -36,7 +36,8 @@ at::Tensor view(const void *data, int64_t rows, int64_t cols, at::ScalarType dty
 }
 
 const c10::OperatorHandle &linear_fp32() {
-    static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
     return op;
 }
 
@@ -123,16 +124,16 @@ def _library() -> ctypes.CDLL | None:
     flags = _flags()
     lib = cpu_build.load("library_gemm", _SOURCE, cxx_flags=flags) if flags is not None else None
     if lib is not None:
-        lib.int8_gemm_new.argtypes = [ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int64]
-        lib.int8_gemm_new.restype = ctypes.c_void_p
-        lib.int8_gemm_free.argtypes = [ctypes.c_void_p]
-        lib.int8_gemm_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        lib.int8_gemm_run.restype = ctypes.c_int
-        lib.fp32_gemm_new.argtypes = [ctypes.c_ssize_t, ctypes.c_int64]
-        lib.fp32_gemm_new.restype = ctypes.c_void_p
-        lib.fp32_gemm_free.argtypes = [ctypes.c_void_p]
-        lib.fp32_gemm_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        lib.fp32_gemm_run.restype = ctypes.c_int
+        handle, ptr, i64 = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_int64
+        signatures = {  # name: (argument types, result type)
+            "int8_gemm_new": ([handle, handle, handle, i64], ptr), "fp32_gemm_new": ([handle, i64], ptr),
+            "int8_gemm_run": ([ptr, ptr, i64, i64, ptr], ctypes.c_int),
+            "fp32_gemm_run": ([ptr, ptr, i64, i64, ptr], ctypes.c_int),
+            "int8_gemm_free": ([ptr], None), "fp32_gemm_free": ([ptr], None),
+        }
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
